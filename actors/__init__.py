@@ -1,0 +1,1 @@
+"""Stateful Ray actors that hold models."""

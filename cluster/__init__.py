@@ -1,0 +1,1 @@
+"""Running workflows on a Ray cluster: Ray Jobs submission and cluster configs."""

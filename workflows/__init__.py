@@ -1,0 +1,1 @@
+"""The DAG layer: the engine and one module per research workflow."""

@@ -1,0 +1,154 @@
+"""The notebook API: run a spec (or a config, or a graph), resume a run, open node outputs by name.
+
+    import interpflow
+    handle = interpflow.run("demo", ["transform.power=3"])
+    handle.table("transform_shard").to_pandas()
+
+The CLI is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from pydantic import BaseModel
+
+from interpflow.workflows.engine.graph import Graph
+from interpflow.workflows.engine.lineage import Lineage, code_version
+from interpflow.workflows.engine.record import RunRecord, new_run_id
+from interpflow.workflows.engine.runner import Runner
+from interpflow.workflows.engine.settings import RunSettings
+from interpflow.workflows.engine.store import Store
+from interpflow.workflows.spec import Spec, load_spec, workflow_of_config
+
+__all__ = ["RunHandle", "load_spec", "resume", "run", "run_graph"]
+
+
+class RunHandle:
+    """A finished (or failed) run: its record, and its node outputs opened from the store."""
+
+    def __init__(self, store: Store, record: RunRecord, graph: Graph | None = None):
+        self.store, self.record, self.graph = store, record, graph
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def ok(self) -> bool:
+        return self.record.data["status"] == "succeeded"
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.record.data.get("mlflow_run_id")
+
+    def nodes(self) -> dict[str, dict]:
+        return self.record.nodes
+
+    def _directory(self, node: str) -> tuple[str, dict]:
+        if node not in self.record.nodes:
+            raise KeyError(f"no node '{node}' in run {self.run_id}; nodes: {', '.join(self.record.nodes)}")
+        directory = self.store.node_path(node, self.record.node(node)["key"])
+        manifest = self.store.committed(directory)
+        if manifest is None:
+            raise FileNotFoundError(f"node '{node}' has no committed output (status: "
+                                    f"{self.record.node(node)['status']})")
+        return directory, manifest
+
+    def outputs(self, node: str, output: str | None = None) -> Any:
+        """A node's outputs: Arrow tables/datasets, tensors, JSON, or local paths for models/figures."""
+        directory, manifest = self._directory(node)
+        return self.store.load(directory, manifest, output)
+
+    def table(self, node: str, output: str | None = None) -> pa.Table:
+        value = self.outputs(node, output)
+        if isinstance(value, pads.Dataset):
+            return value.to_table()
+        if not isinstance(value, pa.Table):
+            raise TypeError(f"node '{node}' output is a {type(value).__name__}, not a table; use outputs()")
+        return value
+
+    def metrics(self, node: str) -> dict:
+        return self._directory(node)[1].get("metrics", {})
+
+
+def _open_lineage(settings: RunSettings) -> Lineage | None:
+    return Lineage(settings.resolved_tracking_uri(), settings.experiment) if settings.lineage else None
+
+
+def _progress(settings: RunSettings, progress: bool | None):
+    if not (settings.progress if progress is None else progress):
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=False)
+
+
+def run_graph(graph: Graph, settings: RunSettings | None = None, *, workflow: str = "graph",
+              spec: dict | None = None, config: dict | None = None, run_id: str | None = None,
+              progress: bool | None = None) -> RunHandle:
+    """Run (or, given an existing `run_id`, resume) a graph built in code."""
+    settings = settings or RunSettings()
+    store = Store(settings.resolved_store())
+    if run_id is not None and store.fs.get_file_info(store.path("runs", run_id, "record.json")).type.name == "File":
+        record = RunRecord.load(store, run_id)
+    else:
+        record = RunRecord.create(store, run_id or new_run_id(workflow), workflow, spec or {}, config or {},
+                                  settings.model_dump(mode="json"))
+    lineage = _open_lineage(settings)
+    record.data["code"] = code_version()
+    if lineage is not None:
+        record.data["mlflow_run_id"] = lineage.start_parent(
+            record.run_id, workflow, config or {}, settings.model_dump(mode="json"),
+            {"code_commit": record.data["code"]["commit"], "code_dirty": record.data["code"]["dirty"]},
+            existing=record.data.get("mlflow_run_id"))
+        record.data["tracking_uri"] = lineage.uri
+    runner = Runner(graph, settings, store, record, lineage, _progress(settings, progress))
+    runner.run()
+    return RunHandle(store, record, graph)
+
+
+def run(spec: str | Path | dict | BaseModel | Spec, overrides: list[str] | tuple[str, ...] = (), *,
+        settings: RunSettings | None = None, run_id: str | None = None, progress: bool | None = None) -> RunHandle:
+    """Run a spec file, a bundled spec name, a spec dict, or a workflow config object."""
+    if isinstance(spec, BaseModel):
+        name = workflow_of_config(spec)
+        spec = Spec(name, spec, settings or RunSettings(), {"workflow": name, **spec.model_dump(mode="json")},
+                    "<config>")
+    elif not isinstance(spec, Spec):
+        spec = load_spec(spec, overrides)
+    if settings is not None:
+        spec.settings = settings
+    graph = spec.builder(spec.config)
+    return run_graph(graph, spec.settings, workflow=spec.workflow, spec=spec.raw,
+                     config=spec.config.model_dump(mode="json"), run_id=run_id, progress=progress)
+
+
+def find_store_of_run(run_id: str, store: str | None = None) -> Store:
+    return Store(RunSettings(**({"store": store} if store else {})).resolved_store())
+
+
+def resume(run_id: str, store: str | None = None, progress: bool | None = None) -> RunHandle:
+    """Re-run a recorded spec run: committed nodes and shards are reused, the rest runs."""
+    st = find_store_of_run(run_id, store)
+    record = RunRecord.load(st, run_id)
+    if not record.data.get("spec"):
+        raise ValueError(f"run {run_id} was started from a graph in code; resume it with "
+                         "run_graph(graph, settings, run_id=...)")
+    spec = load_spec(record.data["spec"])
+    spec.settings = RunSettings(**record.data["settings"])
+    return run(spec, run_id=run_id, progress=progress)
+
+
+def load_record(run_id: str, store: str | None = None) -> RunRecord:
+    return RunRecord.load(find_store_of_run(run_id, store), run_id)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `interpflow` command")

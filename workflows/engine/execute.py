@@ -1,0 +1,150 @@
+"""What runs on a Ray worker for one node or shard: load inputs, call the task, commit, log.
+
+This module holds no scheduling: the runner decides what to run and where, and hands a `Job` to
+`execute_job` (in a Ray task) or to a pool actor. Data never passes through the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from interpflow.workflows.engine.graph import Shard
+from interpflow.workflows.engine.store import Store, normalise_outputs
+
+
+@dataclass(frozen=True)
+class InputRef:
+    node: str
+    key: str
+    output: str | None = None
+
+
+@dataclass
+class Job:
+    node: str
+    key: str
+    fn: Callable
+    config: BaseModel | None
+    inputs: dict[str, InputRef]
+    store_uri: str
+    run_id: str
+    shard: Shard | None = None
+    verify: bool = True
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+    # Test hook: seconds to sleep before computing (lets tests stop a run mid-node). Not in keys.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}[{self.shard.name}]" if self.shard else self.node
+
+
+def target_dir(store: Store, job: Job) -> str:
+    if job.shard is not None:
+        return store.shard_path(job.node, job.key, job.shard.index, job.shard.count)
+    return store.node_path(job.node, job.key)
+
+
+def load_inputs(store: Store, inputs: dict[str, InputRef], verify: bool) -> dict[str, Any]:
+    loaded = {}
+    for arg, ref in inputs.items():
+        directory = store.node_path(ref.node, ref.key)
+        manifest = store.committed(directory)
+        if manifest is None:
+            from interpflow.workflows.engine.store import CorruptArtifact
+
+            raise CorruptArtifact(ref.node, ref.key, directory, "not committed (removed or damaged)")
+        loaded[arg] = store.load(directory, manifest, ref.output, verify=verify)
+    return loaded
+
+
+def plan_ids(store_uri: str, ids_fn: Callable, config: BaseModel | None, inputs: dict[str, InputRef],
+             verify: bool) -> list:
+    """Evaluate a sharded node's stable input ids (runs as a small Ray task)."""
+    store = Store(store_uri)
+    return list(ids_fn(config, **load_inputs(store, inputs, verify)))
+
+
+def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None) -> dict:
+    """Compute and commit one node or shard unless it is committed already; return a summary."""
+    store = Store(job.store_uri)
+    directory = target_dir(store, job)
+    manifest = store.committed(directory)
+    if manifest is not None:
+        return _summary(job, manifest, "cached")
+    with store.lock(directory, is_done=lambda: store.committed(directory) is not None) as acquired:
+        manifest = store.committed(directory)
+        if not acquired or manifest is not None:
+            return _summary(job, manifest or store.committed(directory), "cached")
+        started = time.time()
+        kwargs = load_inputs(store, job.inputs, job.verify)
+        if resource_arg is not None:
+            kwargs[resource_arg] = resource
+        if job.shard is not None:
+            kwargs["shard"] = job.shard
+        if job.extra.get("delay_s"):
+            time.sleep(float(job.extra["delay_s"]))
+        loaded = time.time()
+        result = job.fn(job.config, **kwargs)
+        computed = time.time()
+        outputs = normalise_outputs(result)
+        metrics = outputs.get("metrics") if isinstance(outputs.get("metrics"), dict) else {}
+        meta = {
+            "node": job.node,
+            "key": job.key,
+            "shard": None if job.shard is None else {"index": job.shard.index, "count": job.shard.count,
+                                                    "num_ids": len(job.shard.ids)},
+            "produced_by": {"run_id": job.run_id, "mlflow_run_id": job.mlflow_run_id,
+                            "host": socket.gethostname(), "pid": os.getpid()},
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "timings": {"load_s": loaded - started, "compute_s": computed - loaded},
+        }
+        manifest = store.commit(directory, outputs, meta)
+        manifest["timings"]["commit_s"] = time.time() - computed
+    if job.shard is None and job.mlflow_run_id:
+        from interpflow.workflows.engine.lineage import log_node_outputs
+
+        log_node_outputs(job.mlflow_uri, job.mlflow_run_id, store, directory, manifest)
+    return _summary(job, manifest, "ran")
+
+
+def _summary(job: Job, manifest: dict | None, status: str) -> dict:
+    manifest = manifest or {}
+    return {
+        "node": job.node,
+        "shard": None if job.shard is None else job.shard.index,
+        "status": status,
+        "rows": manifest.get("rows", 0),
+        "bytes": manifest.get("bytes", 0),
+        "outputs": manifest.get("outputs", {}),
+        "metrics": manifest.get("metrics", {}),
+        "timings": manifest.get("timings", {}),
+        "produced_by": manifest.get("produced_by", {}),
+    }
+
+
+class PoolWorker:
+    """Body of a pool actor: builds its resource (a loaded model, say) once, then runs shards.
+
+    Methods are idempotent (a shard commits atomically or not at all), so Ray may retry them
+    after an actor restart.
+    """
+
+    def __init__(self, store_uri: str, setup: Callable, config: BaseModel | None,
+                 setup_inputs: dict[str, InputRef], resource_arg: str, verify: bool):
+        store = Store(store_uri)
+        self.resource = setup(config, **load_inputs(store, setup_inputs, verify))
+        self.resource_arg = resource_arg
+
+    def run(self, job: Job) -> dict:
+        return execute_job(job, self.resource, self.resource_arg)
+
+    def pid(self) -> int:
+        return os.getpid()

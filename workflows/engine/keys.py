@@ -1,0 +1,165 @@
+"""Node keys: content addresses that make caching and resume trustworthy.
+
+A key is sha256 over canonical JSON of the parts that decide a node's output: its name, an explicit
+version, a hash of the task function's normalised source (and of the project functions it calls),
+its config, its upstream keys, and the identity of external inputs. The parts are kept next to the
+key so that a cache miss can be explained part by part (`interpflow explain`).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import textwrap
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+PROJECT_PREFIX = "interpflow."
+# The engine itself decides where things run, not what they compute: its code is not part of keys.
+_ENGINE_PREFIX = "interpflow.workflows.engine"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and fixed separators: the same value always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def config_dict(config: BaseModel | dict | None) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    return json.loads(canonical_json(config))
+
+
+class _StripDocstrings(ast.NodeTransformer):
+    def _strip(self, node):
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Module = _strip
+
+
+def _normalised_source(obj: Any) -> tuple[str, ast.AST]:
+    source = textwrap.dedent(inspect.getsource(obj))
+    tree = _StripDocstrings().visit(ast.parse(source))
+    # ast.dump without attributes ignores line numbers; comments and formatting never reach the AST.
+    return ast.dump(tree, annotate_fields=True, include_attributes=False), tree
+
+
+def _is_project_code(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module.startswith(PROJECT_PREFIX) and not module.startswith(_ENGINE_PREFIX)
+
+
+def _referenced_objects(fn: Any, tree: ast.AST) -> list[Any]:
+    """Project functions and classes that `fn`'s body names, resolved through its globals."""
+    namespace: dict[str, Any] = dict(getattr(fn, "__globals__", {}) or {})
+    if isinstance(fn, type):
+        namespace = dict(vars(inspect.getmodule(fn)) if inspect.getmodule(fn) else {})
+    closure = getattr(fn, "__closure__", None)
+    if closure and getattr(fn, "__code__", None):
+        for name, cell in zip(fn.__code__.co_freevars, closure):
+            try:
+                namespace[name] = cell.cell_contents
+            except ValueError:
+                pass
+    found: list[Any] = []
+    for node in ast.walk(tree):
+        target = None
+        if isinstance(node, ast.Name):
+            target = namespace.get(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            base = namespace.get(node.value.id)
+            if isinstance(base, types.ModuleType) and base.__name__.startswith(PROJECT_PREFIX):
+                target = getattr(base, node.attr, None)
+        if target is not None and (inspect.isfunction(target) or inspect.isclass(target)) \
+                and _is_project_code(target):
+            found.append(target)
+    return found
+
+
+_SOURCE_CACHE: dict[Any, str] = {}
+
+
+def source_hash(fn: Callable) -> str:
+    """Hash of `fn`'s normalised source and, transitively, of the project code it references.
+
+    Comments, docstrings and formatting do not count; any change to code does.
+    """
+    fn = inspect.unwrap(fn)
+    cached = _SOURCE_CACHE.get(fn)
+    if cached is not None:
+        return cached
+    parts: dict[str, str] = {}
+    stack = [fn]
+    while stack:
+        obj = stack.pop()
+        label = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+        if label in parts:
+            continue
+        try:
+            dumped, tree = _normalised_source(obj)
+        except (OSError, TypeError):
+            # Builtins or code without source: fall back to the qualified name alone.
+            parts[label] = "no-source"
+            continue
+        parts[label] = sha256_text(dumped)
+        stack.extend(_referenced_objects(obj, tree))
+    digest = sha256_text(canonical_json(parts))
+    _SOURCE_CACHE[fn] = digest
+    return digest
+
+
+def clear_source_cache() -> None:
+    """Forget cached source hashes (after editing code in a live session, e.g. a notebook)."""
+    _SOURCE_CACHE.clear()
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def directory_digest(path: str | Path, suffixes: tuple[str, ...] | None = None) -> str:
+    """Digest of every file (relative name + content) under `path`, optionally by suffix."""
+    root = Path(path)
+    entries = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        if suffixes and not file.name.endswith(suffixes):
+            continue
+        entries[str(file.relative_to(root))] = file_digest(file)
+    return sha256_text(canonical_json(entries))
+
+
+def node_key(parts: dict[str, Any]) -> str:
+    return sha256_text(canonical_json(parts))
+
+
+def diff_parts(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the key parts that differ between two part dicts (for `explain`)."""
+    changed: list[str] = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        label = f"{prefix}{name}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.extend(diff_parts(a, b, label + "."))
+        elif a != b:
+            changed.append(label)
+    return changed

@@ -1,0 +1,155 @@
+"""Lineage in MLflow: one parent run per workflow run, one nested run per node.
+
+The driver opens and closes runs; workers log a node's metrics and figures into its run through
+`MlflowClient` with the explicit run id. Tags carry the node's key, its upstream keys, whether it was
+a cache hit and which run produced the artifact, the code version and the Ray job id.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+TAG = "interpflow."
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn, *args, attempts: int = 6, **kwargs):
+    """SQLite allows one writer at a time; concurrent workers back off and retry."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - mlflow wraps sqlite errors in several types
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted params from a nested config dict (`sae.k` -> '64'), values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    value = config if isinstance(config, str) else json.dumps(config)
+    out[prefix.rstrip(".")] = value[:6000]
+    return out
+
+
+def code_version(path: str | Path | None = None) -> dict[str, str]:
+    """The git commit and dirty flag of the checkout holding the package (or 'unknown')."""
+    here = Path(path or Path(__file__).resolve().parents[2])
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return {"commit": commit, "dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": "unknown"}
+
+
+class Lineage:
+    """Driver-side MLflow bookkeeping for one workflow run."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
+        self.uri = tracking_uri
+        self.client = _client(tracking_uri)
+        exp = _retry(self.client.get_experiment_by_name, experiment)
+        self.experiment_id = exp.experiment_id if exp else _retry(self.client.create_experiment, experiment)
+        self.parent_id: str | None = None
+        self.common_tags: dict[str, str] = {}
+
+    def start_parent(self, run_id: str, workflow: str, config: dict, settings: dict, tags: dict[str, str],
+                     existing: str | None = None) -> str:
+        self.common_tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
+        all_tags = {f"{TAG}run_id": run_id, f"{TAG}workflow": workflow, f"{TAG}kind": "workflow",
+                    **self.common_tags}
+        if existing:
+            self.parent_id = existing
+            _retry(self.client.update_run, existing, status="RUNNING")
+            self._batch(existing, tags=all_tags)
+            return existing
+        run = _retry(self.client.create_run, self.experiment_id, run_name=f"{workflow}-{run_id}", tags=all_tags)
+        self.parent_id = run.info.run_id
+        params = flatten(config)
+        params.update(flatten(settings, "run."))
+        self._batch(self.parent_id, params=params)
+        _retry(self.client.log_text, self.parent_id, json.dumps(config, indent=1), "config.json")
+        return self.parent_id
+
+    def start_node(self, name: str, key: str, parts: dict, upstream: dict[str, str], cache_hit: bool,
+                   produced_by: dict | None = None) -> str:
+        tags = {
+            "mlflow.parentRunId": self.parent_id,
+            f"{TAG}node": name,
+            f"{TAG}key": key,
+            f"{TAG}upstream_keys": json.dumps(upstream, sort_keys=True),
+            f"{TAG}cache_hit": str(cache_hit).lower(),
+            f"{TAG}kind": "node",
+            **self.common_tags,
+        }
+        if produced_by:
+            tags[f"{TAG}produced_by_run"] = str(produced_by.get("run_id"))
+            tags[f"{TAG}produced_by_mlflow_run"] = str(produced_by.get("mlflow_run_id"))
+        run = _retry(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
+        params = flatten(parts.get("config", {}))
+        params.update({"version": str(parts.get("version")), "source_hash": str(parts.get("source"))[:16]})
+        self._batch(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def end_node(self, run_id: str, status: str, metrics: dict[str, float] | None = None,
+                 tags: dict[str, str] | None = None, error: str | None = None) -> None:
+        all_tags = {f"{TAG}status": status, **{f"{TAG}{k}": str(v) for k, v in (tags or {}).items()}}
+        if error:
+            all_tags[f"{TAG}error"] = error.strip().splitlines()[-1][:4000] if error.strip() else "error"
+            _retry(self.client.log_text, run_id, error, "traceback.txt")
+        self._batch(run_id, metrics=metrics or {}, tags=all_tags)
+        mlflow_status = {"failed": "FAILED", "skipped": "KILLED"}.get(status, "FINISHED")
+        _retry(self.client.set_terminated, run_id, status=mlflow_status)
+
+    def end_parent(self, status: str, metrics: dict[str, float]) -> None:
+        if self.parent_id:
+            self._batch(self.parent_id, metrics=metrics, tags={f"{TAG}status": status})
+            _retry(self.client.set_terminated, self.parent_id, status="FINISHED" if status == "succeeded" else "FAILED")
+
+    def _batch(self, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+        now = int(time.time() * 1000)
+        p = [self._Param(k[:250], v) for k, v in (params or {}).items()]
+        m = [self._Metric(k[:250], float(v), now, 0) for k, v in (metrics or {}).items()
+             if isinstance(v, (int, float)) and v == v]
+        t = [self._RunTag(k, v) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(p), len(m), len(t), 1), 100):  # MLflow caps a batch at 100 params
+            _retry(self.client.log_batch, run_id, metrics=m[i:i + 100] if i == 0 else [],
+                   params=p[i:i + 100], tags=t if i == 0 else [])
+
+
+def log_node_outputs(tracking_uri: str | None, run_id: str, store, directory: str, manifest: dict) -> None:
+    """Worker side: a node's metrics, figures and output URI into its MLflow run."""
+    if not tracking_uri:
+        return
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k[:250], float(v), now, 0) for k, v in manifest.get("metrics", {}).items() if v == v]
+    tags = [RunTag(f"{TAG}output_uri", store.uri_of(directory)),
+            RunTag(f"{TAG}rows", str(manifest.get("rows", 0))),
+            RunTag(f"{TAG}bytes", str(manifest.get("bytes", 0)))]
+    _retry(client.log_batch, run_id, metrics=metrics, tags=tags)
+    for name, out in manifest.get("outputs", {}).items():
+        if out["kind"] == "figure":
+            _retry(client.log_artifact, run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")

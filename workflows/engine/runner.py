@@ -1,0 +1,444 @@
+"""The runner: submits every ready node and shard to Ray at once and reacts as results arrive.
+
+A node whose key is committed in the store is a cache hit and runs nothing. A sharded node first
+evaluates its stable ids (a small task), then submits only the shards not yet committed. When a node
+finally fails, its error is recorded, its dependents are skipped and independent branches finish.
+Ray is started only when something has to execute, so a fully cached run never pays for it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from interpflow.workflows.engine.execute import InputRef, Job, PoolWorker, execute_job, plan_ids
+from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
+from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
+from interpflow.workflows.engine.lineage import Lineage
+from interpflow.workflows.engine.record import RunRecord
+from interpflow.workflows.engine.settings import RunSettings
+from interpflow.workflows.engine.store import CorruptArtifact, Store
+
+log = logging.getLogger("interpflow")
+
+DONE = ("ran", "cached")
+
+
+def key_parts(n: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
+    """Everything that decides a node's output, as plain JSON (see keys.py)."""
+    parts: dict[str, Any] = {
+        "name": n.name,
+        "version": n.version,
+        "source": source_hash(n.fn),
+        "config": config_dict(n.config),
+        "upstream": upstream_keys,
+        "external": n.external,
+    }
+    if n.is_sharded:
+        parts["sharding"] = {"ids": source_hash(n.ids), "num_shards": n.num_shards}
+    if n.actors is not None:  # how the resource is built matters; how many actors build it does not
+        parts["resource"] = {"setup": source_hash(n.actors.setup), "config": config_dict(n.actors.config)}
+    return parts
+
+
+def plan_keys(graph: Graph) -> dict[str, tuple[str, dict]]:
+    keys: dict[str, tuple[str, dict]] = {}
+    for n in graph:
+        upstream = {}
+        for arg, ref in n.inputs.items():
+            up_key = keys[_ref_node(ref).name][0]
+            upstream[arg] = f"{up_key}:{ref.output}" if isinstance(ref, OutputRef) else up_key
+        parts = key_parts(n, upstream)
+        keys[n.name] = (node_key(parts), parts)
+    return keys
+
+
+def _ref_node(ref: Node | OutputRef) -> Node:
+    return ref.node if isinstance(ref, OutputRef) else ref
+
+
+def _exception_classes(names: list[str]) -> list[type]:
+    classes = []
+    for name in names:
+        if "." in name:
+            module, _, attr = name.rpartition(".")
+            classes.append(getattr(importlib.import_module(module), attr))
+        else:
+            classes.append(getattr(builtins, name))
+    return classes
+
+
+def ensure_ray(settings: RunSettings) -> bool:
+    """Connect to Ray if not connected; return True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = settings.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # "local" starts a private cluster even if a `ray start` head is running on this machine.
+        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False, **kwargs)
+    return True
+
+
+@dataclass
+class _Pool:
+    actors: list
+    inflight: dict  # actor index -> count
+    queue: deque
+
+
+class Runner:
+    def __init__(self, graph: Graph, settings: RunSettings, store: Store, record: RunRecord,
+                 lineage: Lineage | None, progress: Any = None):
+        self.graph, self.settings, self.store, self.record = graph, settings, store, record
+        self.lineage, self.progress = lineage, progress
+        self.keys = plan_keys(graph)
+        self.inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (kind, node, shard)
+        self.pools: dict[str, _Pool] = {}
+        self.shards: dict[str, list] = {}
+        self.started_ray = False
+        self._remote = None
+        self._retry_options: dict[str, Any] = {}
+        self._recoveries: dict[str, int] = {}
+        self._bars: dict[str, Any] = {}
+        attempt = {"started": time.time()}
+        self.record.data.setdefault("attempts", []).append(attempt)
+        for n in graph:
+            key, parts = self.keys[n.name]
+            self.record.nodes[n.name] = {
+                "key": key, "parts": parts, "sharded": n.is_sharded, "status": "pending",
+                "upstream": {arg: _ref_node(ref).name for arg, ref in n.inputs.items()},
+                "shards": {"total": 0, "ran": 0, "cached": 0} if n.is_sharded else None,
+                "error": None, "traceback": None, "mlflow_run_id": None, "seconds": None,
+                "output_uri": store.uri_of(store.node_path(n.name, key)),
+            }
+        self.record.save()
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _state(self, name: str) -> dict:
+        return self.record.nodes[name]
+
+    def _input_refs(self, inputs: dict[str, Node | OutputRef]) -> dict[str, InputRef]:
+        return {arg: InputRef(_ref_node(ref).name, self.keys[_ref_node(ref).name][0],
+                              ref.output if isinstance(ref, OutputRef) else None)
+                for arg, ref in inputs.items()}
+
+    def _job(self, n: Node, shard=None, inputs: dict | None = None) -> Job:
+        state = self._state(n.name)
+        return Job(node=n.name, key=state["key"], fn=n.fn, config=n.config,
+                   inputs=self._input_refs(inputs if inputs is not None else n.inputs),
+                   store_uri=self.store.uri, run_id=self.record.run_id, shard=shard,
+                   verify=self.settings.verify,
+                   mlflow_uri=self.lineage.uri if self.lineage else None,
+                   mlflow_run_id=state["mlflow_run_id"])
+
+    def _remotes(self):
+        if self._remote is None:
+            import ray
+
+            self.started_ray = ensure_ray(self.settings)
+            self.record.data["ray_job_id"] = ray.get_runtime_context().get_job_id()
+            retry = _exception_classes(self.settings.retry_exceptions) or False
+            self._retry_options = {"max_retries": self.settings.max_retries, "retry_exceptions": retry}
+            self._remote = {
+                "execute": ray.remote(execute_job),
+                "plan": ray.remote(plan_ids).options(num_cpus=0.25, **self._retry_options),
+                "actor": ray.remote(PoolWorker),
+            }
+        return self._remote
+
+    def _task_options(self, n: Node) -> dict:
+        opts: dict[str, Any] = {"num_cpus": n.resources.num_cpus, "num_gpus": n.resources.num_gpus,
+                                **self._retry_options}
+        if n.resources.memory:
+            opts["memory"] = n.resources.memory
+        return opts
+
+    def _open_lineage(self, n: Node, cache_hit: bool, produced_by: dict | None = None) -> None:
+        if self.lineage is None:
+            return
+        state = self._state(n.name)
+        upstream = {arg: self.keys[name][0] for arg, name in state["upstream"].items()}
+        state["mlflow_run_id"] = self.lineage.start_node(n.name, state["key"], state["parts"], upstream,
+                                                         cache_hit, produced_by)
+
+    def _close_lineage(self, name: str, metrics: dict | None = None, tags: dict | None = None) -> None:
+        state = self._state(name)
+        if self.lineage is not None and state["mlflow_run_id"]:
+            self.lineage.end_node(state["mlflow_run_id"], state["status"], metrics, tags, state["traceback"])
+
+    # --- scheduling ------------------------------------------------------------------------
+    def _start(self, n: Node) -> None:
+        state = self._state(n.name)
+        directory = self.store.node_path(n.name, state["key"])
+        manifest = self.store.committed(directory)
+        if manifest is not None:
+            state.update(status="cached", produced_by=manifest.get("produced_by"), seconds=0.0,
+                         rows=manifest.get("rows"), bytes=manifest.get("bytes"))
+            if n.is_sharded:
+                state["shards"].update(total=len(manifest["shards"]), cached=len(manifest["shards"]))
+            self._open_lineage(n, True, manifest.get("produced_by"))
+            self._close_lineage(n.name, manifest.get("metrics"), {"output_uri": state["output_uri"]})
+            self._advance()
+            return
+        state.update(started=time.time(), status="running")
+        self._open_lineage(n, False)
+        remotes = self._remotes()
+        if n.is_sharded:
+            ref = remotes["plan"].remote(self.store.uri, n.ids, n.config, self._input_refs(n.inputs),
+                                         self.settings.verify)
+            self.inflight[ref] = ("plan", n.name, None)
+        else:
+            ref = remotes["execute"].options(**self._task_options(n)).remote(self._job(n))
+            self.inflight[ref] = ("node", n.name, None)
+
+    def _submit_shards(self, n: Node, ids: list) -> None:
+        state = self._state(n.name)
+        shards = split_ids(ids, n.num_shards)
+        self.shards[n.name] = shards
+        missing = []
+        for shard in shards:
+            if self.store.committed(self.store.shard_path(n.name, state["key"], shard.index, shard.count)):
+                state["shards"]["cached"] += 1
+            else:
+                missing.append(shard)
+        state["shards"]["total"] = len(shards)
+        state["shards"]["pending"] = len(missing)
+        if self.progress is not None:
+            self._bars[n.name] = self.progress.add_task(f"{n.name} shards", total=len(shards),
+                                                        completed=state["shards"]["cached"])
+        if not missing:
+            self._finish_sharded(n)
+            return
+        remotes = self._remotes()
+        if n.actors is None:
+            for shard in missing:
+                ref = remotes["execute"].options(**self._task_options(n)).remote(self._job(n, shard))
+                self.inflight[ref] = ("shard", n.name, shard)
+            return
+        pool_cfg = n.actors
+        setup_inputs = {k: v for k, v in n.inputs.items() if k in pool_cfg.setup_inputs}
+        task_inputs = {k: v for k, v in n.inputs.items() if k not in pool_cfg.setup_inputs}
+        actor_cls = remotes["actor"].options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
+                                             max_restarts=pool_cfg.max_restarts,
+                                             max_task_retries=self.settings.max_retries + 1)
+        actors = [actor_cls.remote(self.store.uri, pool_cfg.setup, pool_cfg.config,
+                                   self._input_refs(setup_inputs), pool_cfg.resource_arg, self.settings.verify)
+                  for _ in range(min(pool_cfg.size, len(missing)))]
+        pool = _Pool(actors, {i: 0 for i in range(len(actors))},
+                     deque(self._job(n, shard, task_inputs) for shard in missing))
+        self.pools[n.name] = pool
+        self._feed_pool(n.name)
+
+    def _feed_pool(self, name: str) -> None:
+        pool = self.pools[name]
+        for index, actor in enumerate(pool.actors):
+            while pool.queue and pool.inflight[index] < 2:  # one running, one queued per actor
+                job = pool.queue.popleft()
+                ref = actor.run.remote(job)
+                pool.inflight[index] += 1
+                self.inflight[ref] = ("shard", name, (job.shard, index))
+
+    def _finish_sharded(self, n: Node) -> None:
+        state = self._state(n.name)
+        shards = self.shards[n.name]
+        entries, outputs, rows, nbytes = [], {}, 0, 0
+        for shard in shards:
+            directory = self.store.shard_path(n.name, state["key"], shard.index, shard.count)
+            manifest = self.store.read_manifest(directory)
+            outputs = outputs or manifest.get("outputs", {})
+            entries.append({"dir": shard.name, "rows": manifest.get("rows", 0), "num_ids": len(shard.ids),
+                            "bytes": manifest.get("bytes", 0)})
+            rows += manifest.get("rows", 0)
+            nbytes += manifest.get("bytes", 0)
+        metrics = {"rows": rows, "bytes": nbytes, "shards": len(shards),
+                   "shards_ran": state["shards"]["ran"], "shards_cached": state["shards"]["cached"]}
+        self.store.commit_manifest(self.store.node_path(n.name, state["key"]), {
+            "node": n.name, "key": state["key"], "shards": entries, "outputs": outputs, "rows": rows,
+            "bytes": nbytes, "files": {}, "metrics": metrics,
+            "produced_by": {"run_id": self.record.run_id, "mlflow_run_id": state["mlflow_run_id"]}})
+        self._complete(n.name, "ran", metrics, rows=rows, bytes=nbytes)
+        self._drop_pool(n.name)
+
+    def _complete(self, name: str, status: str, metrics: dict | None = None, **fields) -> None:
+        state = self._state(name)
+        state.update(status=status, finished=time.time(), **fields)
+        state["seconds"] = state["finished"] - state.get("started", state["finished"])
+        self._close_lineage(name, metrics, {"output_uri": state["output_uri"], "seconds": f"{state['seconds']:.3f}"})
+        self._advance()
+
+    def _fail(self, name: str, exc: BaseException) -> None:
+        state = self._state(name)
+        state["error"] = f"{type(getattr(exc, 'cause', None) or exc).__name__}: {getattr(exc, 'cause', None) or exc}"
+        state["traceback"] = str(exc)
+        log.error("node %s failed: %s", name, state["error"])
+        self._complete(name, "failed")
+        self._drop_pool(name)
+
+    def _drop_pool(self, name: str) -> None:
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            import ray
+
+            for actor in pool.actors:
+                ray.kill(actor, no_restart=True)
+
+    def _advance(self) -> None:
+        if self.progress is not None and "_nodes" in self._bars:
+            done = sum(s["status"] in DONE + ("failed", "skipped") for s in self.record.nodes.values())
+            self.progress.update(self._bars["_nodes"], completed=done)
+
+    # --- results ---------------------------------------------------------------------------
+    def _recover_corrupt(self, name: str, exc: CorruptArtifact) -> bool:
+        """A node read a damaged upstream artifact: set it aside and recompute both nodes."""
+        count = self._recoveries.get(exc.node, 0)
+        if count >= 2 or exc.node not in self.record.nodes:
+            return False
+        self._recoveries[exc.node] = count + 1
+        directory = self.store.node_path(exc.node, exc.key)
+        try:
+            where = self.store.quarantine(directory)
+            log.warning("artifact of %s failed its checksum; moved to %s and recomputing", exc.node, where)
+        except (FileNotFoundError, OSError):
+            pass
+        self._state(exc.node).update(status="pending", recomputed_after_corruption=True)
+        self._state(name).update(status="pending")
+        return True
+
+    def _on_result(self, ref) -> None:
+        import ray
+
+        kind, name, extra = self.inflight.pop(ref)
+        n = self.graph[name]
+        state = self._state(name)
+        if kind == "shard" and isinstance(extra, tuple):
+            shard, actor_index = extra
+            if name in self.pools:
+                self.pools[name].inflight[actor_index] -= 1
+        else:
+            shard = extra
+        try:
+            result = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a task's failure is data for the run record
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, CorruptArtifact) and kind != "shard" and self._recover_corrupt(name, cause):
+                return
+            if kind == "shard":
+                state["shards"]["pending"] -= 1
+                state.setdefault("failed_shards", []).append(shard.index)
+                state["error"] = state["error"] or f"shard {shard.index}: {type(cause).__name__}: {cause}"
+                state["traceback"] = state["traceback"] or str(exc)
+                if isinstance(cause, CorruptArtifact):
+                    self._recover_corrupt(name, cause)
+                if name in self.pools:
+                    self._feed_pool(name)
+                self._maybe_close_failed_shards(name)
+                return
+            self._fail(name, exc)
+            return
+        if kind == "plan":
+            self._submit_shards(n, result)
+        elif kind == "node":
+            self._complete(name, "ran", result.get("metrics"), rows=result.get("rows"),
+                           bytes=result.get("bytes"))
+        else:
+            state["shards"]["ran" if result["status"] == "ran" else "cached"] += 1
+            state["shards"]["pending"] -= 1
+            if name in self._bars:
+                self.progress.advance(self._bars[name])
+            if name in self.pools:
+                self._feed_pool(name)
+            if state["shards"]["pending"] == 0:
+                if state.get("failed_shards") or state["status"] == "pending":
+                    self._maybe_close_failed_shards(name)
+                else:
+                    self._finish_sharded(n)
+
+    def _maybe_close_failed_shards(self, name: str) -> None:
+        state = self._state(name)
+        if state["shards"]["pending"] > 0:
+            return  # let the other shards commit, so that a resume has less to do
+        if state["status"] == "pending":  # an upstream artifact was corrupt: the node starts over
+            state.pop("failed_shards", None)
+            state.update(error=None, traceback=None)
+            state["shards"].update(ran=0, cached=0)
+            self._drop_pool(name)
+            return
+        failed = state.get("failed_shards", [])
+        state["status"] = "failed"
+        state["finished"] = time.time()
+        state["seconds"] = state["finished"] - state.get("started", state["finished"])
+        state["error"] = f"{len(failed)} shard(s) failed ({failed[:10]}); first: {state['error']}"
+        log.error("node %s failed: %s", name, state["error"])
+        self._close_lineage(name, {"shards_ran": state["shards"]["ran"], "shards_failed": len(failed)})
+        self._drop_pool(name)
+        self._advance()
+
+    # --- main loop -------------------------------------------------------------------------
+    def run(self) -> bool:
+        import contextlib
+
+        started = time.time()
+        if self.progress is not None:
+            self._bars["_nodes"] = self.progress.add_task("nodes", total=len(self.graph))
+        try:
+            with self.progress if self.progress is not None else contextlib.nullcontext():
+                self._loop()
+        finally:
+            ok = all(s["status"] in DONE for s in self.record.nodes.values())
+            self.record.data["status"] = "succeeded" if ok else "failed"
+            self.record.data["attempts"][-1].update(finished=time.time(), seconds=time.time() - started,
+                                                    status=self.record.data["status"])
+            self.record.save()
+            if self.lineage is not None:
+                counts = {s: sum(v["status"] == s for v in self.record.nodes.values())
+                          for s in ("ran", "cached", "failed", "skipped")}
+                self.lineage.end_parent(self.record.data["status"],
+                                        {f"nodes_{k}": v for k, v in counts.items()} | {"seconds": time.time() - started})
+            for name in list(self.pools):
+                self._drop_pool(name)
+            if self.started_ray:
+                import ray
+
+                ray.shutdown()
+        return ok
+
+    def _loop(self) -> None:
+        while True:
+            for n in self.graph:
+                state = self._state(n.name)
+                if state["status"] != "pending":
+                    continue
+                ups = [self._state(u.name)["status"] for u in n.upstream()]
+                if any(s in ("failed", "skipped") for s in ups):
+                    state["status"] = "skipped"
+                    state["error"] = "an upstream node failed"
+                    self._open_lineage(n, False)
+                    self._close_lineage(n.name)
+                    self._advance()
+                elif all(s in DONE for s in ups):
+                    self._start(n)
+            self.record.save(force=False)
+            if not self.inflight:
+                pending = [n.name for n in self.graph if self._state(n.name)["status"] == "pending"]
+                if not pending:
+                    return
+                if not any(all(self._state(u.name)["status"] in DONE for u in self.graph[p].upstream())
+                           for p in pending):
+                    raise RuntimeError(f"scheduler stalled with pending nodes {pending}")
+                continue  # a recovery put nodes back to pending; schedule them
+            import ray
+
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                self._on_result(ref)

@@ -1,0 +1,489 @@
+"""The artifact store: content-addressed node outputs on any `pyarrow.fs` filesystem.
+
+Layout under the store root::
+
+    <node-name>/<key>/_manifest.json            one committed node (files, sizes, sha256, rows, timings)
+    <node-name>/<key>/shard-00007-of-00064/     one committed shard of a sharded node, own manifest
+    runs/<run-id>/record.json                   the run record (see record.py)
+    .tmp/  .locks/  .quarantine/                staging, write locks, corrupt artifacts set aside
+
+Outputs are written into a staging directory and made visible by one rename, with the manifest
+written last, so a reader never sees half an artifact. Formats: Parquet for tables, safetensors for
+tensors, JSON for small metadata, `save_pretrained` directories for models, PNG for figures. Nothing
+is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class CorruptArtifact(StoreError):
+    """A committed file no longer matches its manifest checksum: the node must be recomputed."""
+
+    def __init__(self, node: str, key: str, path: str, reason: str):
+        super().__init__(f"artifact of node '{node}' (key {key[:12]}) is corrupt: {path}: {reason}")
+        self.node, self.key, self.path, self.reason = node, key, path, reason
+
+    def __reduce__(self):  # keep the fields across Ray's exception transport
+        return (CorruptArtifact, (self.node, self.key, self.path, self.reason))
+
+
+def shard_dirname(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}"
+
+
+def _sha256_file(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Output:
+    """One named output as recorded in a manifest."""
+
+    name: str
+    kind: str  # table | tensors | ndarray | json | hf | figure
+    path: str
+    rows: int | None = None
+
+
+def classify(value: Any) -> str:
+    """The storage kind of a task's return value, by type (tasks never import the engine)."""
+    import numpy as np
+
+    if isinstance(value, pa.Table):
+        return "table"
+    if type(value).__name__ == "DataFrame" and hasattr(value, "to_parquet"):
+        return "table"
+    if type(value).__name__ == "Figure" and hasattr(value, "savefig"):
+        return "figure"
+    if hasattr(value, "save_pretrained"):
+        return "hf"
+    if isinstance(value, np.ndarray):
+        return "ndarray"
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor) or (
+            isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())
+        ):
+            return "tensors"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return "json"
+
+
+def _write_output(name: str, value: Any, staging: Path) -> Output:
+    kind = classify(value)
+    if kind == "table":
+        table = value if isinstance(value, pa.Table) else pa.Table.from_pandas(value, preserve_index=False)
+        path = f"{name}.parquet"
+        pq.write_table(table, staging / path)
+        return Output(name, kind, path, rows=table.num_rows)
+    if kind == "tensors":
+        import torch
+        from safetensors.torch import save_file
+
+        tensors = {"tensor": value} if isinstance(value, torch.Tensor) else value
+        path = f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / path),
+                  metadata={"single": str(isinstance(value, torch.Tensor))})
+        return Output(name, kind, path)
+    if kind == "ndarray":
+        from safetensors.numpy import save_file
+
+        path = f"{name}.safetensors"
+        save_file({"array": value}, str(staging / path))
+        return Output(name, kind, path, rows=int(value.shape[0]) if value.ndim else None)
+    if kind == "hf":
+        value.save_pretrained(str(staging / name))
+        return Output(name, kind, name)
+    if kind == "figure":
+        path = f"{name}.png"
+        value.savefig(staging / path, dpi=110, bbox_inches="tight")
+        try:
+            import matplotlib.pyplot as plt
+
+            plt.close(value)
+        except Exception:  # pragma: no cover - closing is best effort
+            pass
+        return Output(name, kind, path)
+    path = f"{name}.json"
+    (staging / path).write_text(json.dumps(value, indent=1, sort_keys=True, allow_nan=True))
+    return Output(name, kind, path)
+
+
+def normalise_outputs(result: Any) -> dict[str, Any]:
+    """A task returns one value, or a dict of named values (tables, tensors, figures, `metrics`).
+
+    A plain JSON dict without a `metrics` entry is one value, stored as the output named `output`.
+    """
+    if isinstance(result, dict) and result and all(isinstance(k, str) for k in result) \
+            and classify(result) == "json" \
+            and ("metrics" in result or any(classify(v) != "json" for v in result.values())):
+        return result
+    return {"output": result}
+
+
+class Store:
+    """A store root on a local directory or any URI `pyarrow.fs` understands (s3://, gs://, ...)."""
+
+    def __init__(self, uri: str | os.PathLike):
+        uri = str(uri)
+        if "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+            self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+            self.root = uri
+        else:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.uri = uri
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    # --- paths -----------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def node_path(self, name: str, key: str) -> str:
+        return self.path(name, key)
+
+    def shard_path(self, name: str, key: str, index: int, count: int) -> str:
+        return self.path(name, key, shard_dirname(index, count))
+
+    def uri_of(self, path: str) -> str:
+        return path if self.is_local else f"{self.uri.split('://')[0]}://{path}"
+
+    def check_reachable(self) -> None:
+        """Create the root and write/read a probe file; raise StoreError with the cause otherwise."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            probe = self.path(".tmp", f"probe-{uuid.uuid4().hex}")
+            self.fs.create_dir(self.path(".tmp"), recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure means the store is unusable
+            raise StoreError(f"store '{self.uri}' is not writable: {exc}") from exc
+
+    # --- manifests -------------------------------------------------------------------------
+    def read_manifest(self, directory: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(f"{directory}/{MANIFEST}") as f:
+                manifest = json.loads(f.read().decode())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return manifest if manifest.get("format") == MANIFEST_FORMAT else None
+
+    def committed(self, directory: str) -> dict | None:
+        """The manifest if `directory` holds a complete commit (every listed file, right size)."""
+        manifest = self.read_manifest(directory)
+        if manifest is None:
+            return None
+        files = manifest.get("files", {})
+        if files:
+            infos = self.fs.get_file_info([f"{directory}/{rel}" for rel in files])
+            for info, (rel, meta) in zip(infos, files.items()):
+                if info.type != pafs.FileType.File or info.size != meta["size"]:
+                    return None
+        for shard in manifest.get("shards", []):
+            if self.read_manifest(f"{directory}/{shard['dir']}") is None:
+                return None
+        return manifest
+
+    def verify(self, directory: str, manifest: dict) -> None:
+        """Recompute every file's sha256; raise CorruptArtifact on the first mismatch."""
+        for rel, meta in manifest.get("files", {}).items():
+            path = f"{directory}/{rel}"
+            try:
+                digest = _sha256_file(self.fs, path)
+            except (FileNotFoundError, OSError) as exc:
+                raise CorruptArtifact(manifest.get("node", "?"), manifest.get("key", "?"), path, str(exc))
+            if digest != meta["sha256"]:
+                raise CorruptArtifact(manifest.get("node", "?"), manifest.get("key", "?"), path,
+                                      "sha256 differs from the manifest")
+
+    # --- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def _staging(self) -> Iterator[Path]:
+        if self.is_local:
+            base = Path(self.path(".tmp"))
+            base.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=base))
+        else:
+            staging = Path(tempfile.mkdtemp(prefix="interpflow-"))
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def commit(self, directory: str, outputs: dict[str, Any], meta: dict[str, Any]) -> dict:
+        """Write `outputs` and a manifest to `directory` atomically; return the manifest.
+
+        If another writer committed the same directory first, its commit stands and is returned.
+        """
+        with self._staging() as staging:
+            written = {name: _write_output(name, value, staging) for name, value in outputs.items()}
+            files = {}
+            for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+                rel = str(file.relative_to(staging))
+                files[rel] = {"size": file.stat().st_size, "sha256": _sha256_local(file)}
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                **meta,
+                "files": files,
+                "outputs": {o.name: {"kind": o.kind, "path": o.path, "rows": o.rows} for o in written.values()},
+                "rows": sum(o.rows or 0 for o in written.values() if o.kind == "table"),
+                "bytes": sum(f["size"] for f in files.values()),
+                "committed_at": time.time(),
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            return self._publish(staging, directory, manifest)
+
+    def commit_manifest(self, directory: str, manifest: dict) -> dict:
+        """Commit a manifest-only directory level (a sharded node over its committed shards)."""
+        manifest = {"format": MANIFEST_FORMAT, **manifest, "committed_at": time.time()}
+        self.write_json_atomic(f"{directory}/{MANIFEST}", manifest)
+        return manifest
+
+    def _publish(self, staging: Path, directory: str, manifest: dict) -> dict:
+        existing = self.committed(directory)
+        if existing is not None:
+            return existing
+        parent = directory.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            if os.path.exists(directory) and not os.path.exists(os.path.join(directory, MANIFEST)) \
+                    and not any(n.startswith("shard-") for n in os.listdir(directory)):
+                shutil.rmtree(directory, ignore_errors=True)  # leftovers of an older, broken writer
+            try:
+                os.rename(staging, directory)
+            except OSError:
+                existing = self.committed(directory)
+                if existing is None:
+                    raise
+                return existing
+            return manifest
+        # Object stores have no atomic directory rename: upload data files, then the manifest last.
+        for file in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
+            dest = f"{directory}/{file.relative_to(staging)}"
+            self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(file), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        self.write_json_atomic(f"{directory}/{MANIFEST}", manifest)
+        return manifest
+
+    def write_json_atomic(self, path: str, obj: Any) -> None:
+        data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if self.is_local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def quarantine(self, directory: str) -> str:
+        """Move a corrupt commit aside (kept for inspection) so that it is recomputed."""
+        rel = directory[len(self.root):].strip("/").replace("/", "--")
+        dest = self.path(".quarantine", f"{rel}--{int(time.time() * 1000)}")
+        self.fs.create_dir(self.path(".quarantine"), recursive=True)
+        self.fs.move(directory, dest)
+        return dest
+
+    # --- reading ---------------------------------------------------------------------------
+    def load(self, directory: str, manifest: dict, output: str | None = None, verify: bool = True) -> Any:
+        """Open a committed node's outputs: one value if `output` names one (or only one exists)."""
+        if "shards" in manifest:
+            return self._load_sharded(directory, manifest, output, verify)
+        if verify:
+            self.verify(directory, manifest)
+        outputs = manifest["outputs"]
+        names = [output] if output else [n for n, o in outputs.items() if o["kind"] != "figure"]
+        values = {n: self._load_one(directory, outputs[n]) for n in names}
+        if output or len(values) == 1:
+            return next(iter(values.values()))
+        return values
+
+    def _load_one(self, directory: str, out: dict) -> Any:
+        path = f"{directory}/{out['path']}"
+        kind = out["kind"]
+        if kind == "table":
+            return pq.read_table(path, filesystem=self.fs)
+        if kind in ("tensors", "ndarray"):
+            with self.fs.open_input_stream(path) as f:
+                data = f.read()
+            if kind == "ndarray":
+                from safetensors.numpy import load
+
+                return load(data)["array"]
+            from safetensors.torch import load
+
+            tensors = load(data)
+            return tensors["tensor"] if set(tensors) == {"tensor"} else tensors
+        if kind == "json":
+            return self.read_json(path)
+        if kind in ("hf", "figure"):
+            return self.local_copy(path)
+        raise StoreError(f"unknown output kind {kind!r} in {directory}")
+
+    def local_copy(self, path: str) -> str:
+        """A local filesystem path for `path` (itself on a local store; a cached download otherwise)."""
+        if self.is_local:
+            return path
+        dest = Path(tempfile.gettempdir()) / "interpflow-cache" / hashlib.sha256(path.encode()).hexdigest()[:16]
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(path, str(dest), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return str(dest)
+
+    def _load_sharded(self, directory: str, manifest: dict, output: str | None, verify: bool) -> Any:
+        shard_dirs = [f"{directory}/{s['dir']}" for s in manifest["shards"]]
+        shard_manifests = [self.read_manifest(d) for d in shard_dirs]
+        for d, m in zip(shard_dirs, shard_manifests):
+            if m is None:
+                raise CorruptArtifact(manifest.get("node", "?"), manifest.get("key", "?"), d, "shard manifest missing")
+            if verify:
+                self.verify(d, m)
+        names = [output] if output else [n for n, o in manifest["outputs"].items() if o["kind"] == "table"]
+        datasets = {}
+        for name in names:
+            files = [f"{d}/{m['outputs'][name]['path']}" for d, m in zip(shard_dirs, shard_manifests)
+                     if name in m["outputs"]]
+            datasets[name] = pads.dataset(files, format="parquet", filesystem=self.fs)
+        if output or len(datasets) == 1:
+            return next(iter(datasets.values()))
+        return datasets
+
+    # --- locks -----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, directory: str, stale_after_s: float = 120.0, poll_s: float = 0.2,
+             is_done=None) -> Iterator[bool]:
+        """Hold the write lock of `directory`; yields False if `is_done()` became true while waiting.
+
+        Locks are files created exclusively. A holder refreshes its lock while it works; a lock is
+        broken when its process is gone (same host) or it has not been refreshed for `stale_after_s`.
+        """
+        rel = directory[len(self.root):].strip("/").replace("/", "--")
+        lock_path = self.path(".locks", f"{rel}.lock")
+        self.fs.create_dir(self.path(".locks"), recursive=True)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        while True:
+            if self._try_create(lock_path, owner):
+                break
+            if is_done is not None and is_done():
+                yield False
+                return
+            if self._lock_is_stale(lock_path, stale_after_s):
+                self._remove(lock_path)
+                continue
+            time.sleep(poll_s)
+        stop = threading.Event()
+
+        def heartbeat():
+            while not stop.wait(min(10.0, stale_after_s / 4)):
+                try:
+                    os.utime(lock_path) if self.is_local else None
+                except OSError:
+                    return
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            self._remove(lock_path)
+
+    def _try_create(self, path: str, owner: dict) -> bool:
+        data = json.dumps(owner).encode()
+        if self.is_local:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        # Best effort on object stores: write, then read back to see whose write won.
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            return False
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+        time.sleep(0.05)
+        try:
+            return self.read_json(path).get("token") == owner["token"]
+        except (OSError, ValueError):
+            return False
+
+    def _lock_is_stale(self, path: str, stale_after_s: float) -> bool:
+        try:
+            owner = self.read_json(path)
+            info = self.fs.get_file_info(path)
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                pass
+        mtime = info.mtime.timestamp() if info.mtime else time.time()
+        return time.time() - mtime > stale_after_s
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def _sha256_local(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def table_batches(dataset: pads.Dataset | pa.Table, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of at most `batch_size` rows in stored order, in bounded memory."""
+    if isinstance(dataset, pa.Table):
+        yield from dataset.to_batches(max_chunksize=batch_size)
+        return
+    for batch in dataset.to_batches(batch_size=batch_size):
+        yield from pa.Table.from_batches([batch]).to_batches(max_chunksize=batch_size)

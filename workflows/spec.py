@@ -1,0 +1,201 @@
+"""Specs: YAML + dotted command-line overrides -> a typed workflow config and run settings.
+
+A spec names its workflow, optionally a `run:` section (RunSettings), and the workflow's config
+fields at the top level::
+
+    workflow: demo
+    run: {store: .interpflow/store}
+    square: {power: 2}
+
+Every problem is reported as one `SpecError` naming the field and the fix, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from interpflow.workflows.engine.keys import canonical_json
+from interpflow.workflows.engine.settings import RunSettings
+
+# Workflow name -> "module:builder". A builder takes its typed config and returns a Graph.
+WORKFLOWS: dict[str, str] = {
+    "demo": "interpflow.workflows.demo:demo_graph",
+}
+
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+
+
+class SpecError(ValueError):
+    """A spec problem a user can fix; the CLI prints it and exits with code 2."""
+
+
+@dataclass
+class Spec:
+    workflow: str
+    config: BaseModel
+    settings: RunSettings
+    raw: dict[str, Any]  # the spec after overrides, as the user wrote it
+    source: str
+
+    @property
+    def builder(self) -> Callable:
+        return workflow_builder(self.workflow)[0]
+
+    def digest(self) -> str:
+        """Identity of what this spec computes (workflow + config); run settings excluded."""
+        payload = {"workflow": self.workflow, "config": self.config.model_dump(mode="json")}
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def workflow_builder(name: str) -> tuple[Callable, type[BaseModel]]:
+    if name not in WORKFLOWS:
+        known = ", ".join(sorted(WORKFLOWS))
+        raise SpecError(f"workflow: unknown workflow '{name}'. Fix: use one of: {known}")
+    module, _, attr = WORKFLOWS[name].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    hints = typing.get_type_hints(builder)
+    config_type = next(v for k, v in hints.items() if k != "return")
+    return builder, config_type
+
+
+def workflow_of_config(config: BaseModel) -> str:
+    for name in WORKFLOWS:
+        if workflow_builder(name)[1] is type(config):
+            return name
+    raise SpecError(f"no registered workflow takes a {type(config).__name__} config")
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """A spec file path, or the name of a bundled spec (`demo` -> workflows/specs/demo.yaml)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    bundled = SPECS_DIR / f"{spec}.yaml"
+    if bundled.exists():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+    raise SpecError(f"spec: no file '{spec}'. Fix: give a path to a YAML spec, or a bundled spec name: {names}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}. Fix the YAML syntax there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping (workflow: NAME, then config fields), "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`sae.k=64` sets data['sae']['k'] = 64 (values parsed as YAML: numbers, bools, lists)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep or not path.strip():
+            raise SpecError(f"override '{item}': expected FIELD=VALUE, e.g. square.power=3")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        target = data
+        keys = path.strip().split(".")
+        for k in keys[:-1]:
+            if not isinstance(target.get(k, {}), dict):
+                raise SpecError(f"override '{item}': '{k}' is not a section, so it has no field '{keys[-1]}'")
+            target = target.setdefault(k, {})
+        target[keys[-1]] = parsed
+    return data
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at the parent of `loc` (for 'unknown field' messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        annotation = fields[part].annotation
+        args = [a for a in typing.get_args(annotation) if isinstance(a, type)] or [annotation]
+        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def explain_validation(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int))
+    field = prefix + ".".join(str(p) for p in first["loc"])
+    more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        valid = _fields_of(model, loc)
+        return (f"unknown field '{field}'. Fix: remove it or correct the spelling; valid fields here: "
+                f"{', '.join(valid) or '(none)'}{more}")
+    if first["type"] == "missing":
+        return f"field '{field}' is required. Fix: set it in the spec or pass {field}=VALUE{more}"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return (f"field '{field}': {first['msg']}{got_text}. Fix: give {field} a valid value in the spec "
+            f"or on the command line as {field}=VALUE{more}")
+
+
+def load_spec(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = (),
+              check_store: bool = True) -> Spec:
+    """Read, override and validate a spec; check the store is reachable. Raises SpecError."""
+    if isinstance(spec, dict):
+        data, source = copy.deepcopy(spec), "<dict>"
+    else:
+        path = resolve_spec_path(spec)
+        data, source = read_yaml(path), str(path)
+    data = apply_overrides(data, overrides)
+    name = data.get("workflow")
+    if not name:
+        raise SpecError(f"{source}: the spec names no workflow. Fix: add 'workflow: NAME' "
+                        f"(one of: {', '.join(sorted(WORKFLOWS))})")
+    _, config_type = workflow_builder(str(name))
+    run_section = data.get("run") or {}
+    if not isinstance(run_section, dict):
+        raise SpecError("field 'run': must be a mapping of run settings (store, tracking_uri, ...)")
+    try:
+        settings = RunSettings(**run_section)
+    except ValidationError as exc:
+        raise SpecError(explain_validation(exc, RunSettings, "run.")) from None
+    fields = {k: v for k, v in data.items() if k not in ("workflow", "run")}
+    try:
+        config = config_type(**fields)
+    except ValidationError as exc:
+        raise SpecError(explain_validation(exc, config_type)) from None
+    if check_store:
+        check_settings(settings)
+    return Spec(str(name), config, settings, data, source)
+
+
+def check_settings(settings: RunSettings) -> None:
+    from interpflow.workflows.engine.store import Store, StoreError
+
+    try:
+        Store(settings.resolved_store()).check_reachable()
+    except (StoreError, OSError, ValueError) as exc:
+        raise SpecError(f"field 'run.store': {exc}. Fix: point run.store at a writable directory or a "
+                        "reachable URI (s3://bucket/prefix with credentials in the environment)") from None
+    try:
+        settings.resolved_tracking_uri()
+    except ValueError as exc:
+        raise SpecError(f"field 'run.tracking_uri': {exc}") from None
