@@ -28,7 +28,8 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - mlflow wraps sqlite errors in several types
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+            transient = any(w in str(exc).lower() for w in ("locked", "already exists", "unique constraint"))
+            if not transient or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * 2**attempt)
 
@@ -67,10 +68,20 @@ class Lineage:
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self.uri = tracking_uri
         self.client = _client(tracking_uri)
-        exp = _retry(self.client.get_experiment_by_name, experiment)
-        self.experiment_id = exp.experiment_id if exp else _retry(self.client.create_experiment, experiment)
+        self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
         self.common_tags: dict[str, str] = {}
+
+    def _experiment(self, name: str) -> str:
+        """Get or create the experiment; another process may create it at the same moment."""
+        exp = _retry(self.client.get_experiment_by_name, name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # noqa: BLE001 - lost the race: the other process created it
+            time.sleep(0.2)
+            return _retry(self.client.get_experiment_by_name, name).experiment_id
 
     def start_parent(self, run_id: str, workflow: str, config: dict, settings: dict, tags: dict[str, str],
                      existing: str | None = None) -> str:
@@ -120,9 +131,9 @@ class Lineage:
         mlflow_status = {"failed": "FAILED", "skipped": "KILLED"}.get(status, "FINISHED")
         _retry(self.client.set_terminated, run_id, status=mlflow_status)
 
-    def end_parent(self, status: str, metrics: dict[str, float]) -> None:
+    def end_parent(self, status: str, ray_job_id: str, metrics: dict[str, float]) -> None:
         if self.parent_id:
-            self._batch(self.parent_id, metrics=metrics, tags={f"{TAG}status": status})
+            self._batch(self.parent_id, metrics=metrics, tags={f"{TAG}status": status, f"{TAG}ray_job_id": ray_job_id})
             _retry(self.client.set_terminated, self.parent_id, status="FINISHED" if status == "succeeded" else "FAILED")
 
     def _batch(self, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,

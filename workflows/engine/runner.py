@@ -12,7 +12,9 @@ import builtins
 import importlib
 import logging
 import os
+import re
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +63,20 @@ def plan_keys(graph: Graph) -> dict[str, tuple[str, dict]]:
 
 def _ref_node(ref: Node | OutputRef) -> Node:
     return ref.node if isinstance(ref, OutputRef) else ref
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """(one line, full traceback) of a task failure; a Ray task error carries the worker's frames."""
+    cause = getattr(exc, "cause", None) or exc
+    line = f"{type(cause).__name__}: {cause}"
+    if hasattr(exc, "as_instanceof_cause"):  # ray.exceptions.RayTaskError: str() is the remote traceback
+        text = "Traceback (most recent call last), on the Ray worker " + _ANSI.sub("", str(exc)).lstrip()
+    else:
+        text = "".join(traceback.format_exception(exc))
+    return line, text
 
 
 def _exception_classes(names: list[str]) -> list[type]:
@@ -274,13 +290,13 @@ class Runner:
         state = self._state(name)
         state.update(status=status, finished=time.time(), **fields)
         state["seconds"] = state["finished"] - state.get("started", state["finished"])
-        self._close_lineage(name, metrics, {"output_uri": state["output_uri"], "seconds": f"{state['seconds']:.3f}"})
+        self._close_lineage(name, metrics, {"output_uri": state["output_uri"], "seconds": f"{state['seconds']:.3f}",
+                                            "ray_job_id": self.record.data.get("ray_job_id", "none")})
         self._advance()
 
     def _fail(self, name: str, exc: BaseException) -> None:
         state = self._state(name)
-        state["error"] = f"{type(getattr(exc, 'cause', None) or exc).__name__}: {getattr(exc, 'cause', None) or exc}"
-        state["traceback"] = str(exc)
+        state["error"], state["traceback"] = describe_failure(exc)
         log.error("node %s failed: %s", name, state["error"])
         self._complete(name, "failed")
         self._drop_pool(name)
@@ -336,8 +352,9 @@ class Runner:
             if kind == "shard":
                 state["shards"]["pending"] -= 1
                 state.setdefault("failed_shards", []).append(shard.index)
-                state["error"] = state["error"] or f"shard {shard.index}: {type(cause).__name__}: {cause}"
-                state["traceback"] = state["traceback"] or str(exc)
+                line, text = describe_failure(exc)
+                state["error"] = state["error"] or f"shard {shard.index}: {line}"
+                state["traceback"] = state["traceback"] or f"shard {shard.index}: {text}"
                 if isinstance(cause, CorruptArtifact):
                     self._recover_corrupt(name, cause)
                 if name in self.pools:
@@ -348,9 +365,9 @@ class Runner:
             return
         if kind == "plan":
             self._submit_shards(n, result)
-        elif kind == "node":
-            self._complete(name, "ran", result.get("metrics"), rows=result.get("rows"),
-                           bytes=result.get("bytes"))
+        elif kind == "node":  # "cached" here: another process committed the same key first
+            self._complete(name, "ran" if result["status"] == "ran" else "cached", result.get("metrics"),
+                           rows=result.get("rows"), bytes=result.get("bytes"), produced_by=result.get("produced_by"))
         else:
             state["shards"]["ran" if result["status"] == "ran" else "cached"] += 1
             state["shards"]["pending"] -= 1
@@ -403,7 +420,7 @@ class Runner:
             if self.lineage is not None:
                 counts = {s: sum(v["status"] == s for v in self.record.nodes.values())
                           for s in ("ran", "cached", "failed", "skipped")}
-                self.lineage.end_parent(self.record.data["status"],
+                self.lineage.end_parent(self.record.data["status"], self.record.data.get("ray_job_id", "none"),
                                         {f"nodes_{k}": v for k, v in counts.items()} | {"seconds": time.time() - started})
             for name in list(self.pools):
                 self._drop_pool(name)

@@ -1,0 +1,125 @@
+"""The engine on a real local Ray cluster with a real MLflow store (no mocks of either)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+import interpflow
+from interpflow.workflows.cli import app, explain_node
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def demo(settings, *overrides, run_id=None):
+    return interpflow.run({"workflow": "demo", "numbers": {"n": 400}, "num_shards": 4},
+                          list(overrides), settings=settings, run_id=run_id, progress=False)
+
+
+def nested_runs(settings, parent_id):
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["interpflow.node"]: r for r in runs}
+
+
+def test_second_run_is_all_cache_hits_and_executes_nothing(settings):
+    first = demo(settings)
+    assert first.ok and first.metrics("report")["ground_truth_ok"] == 1.0
+    assert {s["status"] for s in first.nodes().values()} == {"ran"}
+    assert "ray_job_id" in first.record.data
+    second = demo(settings)
+    assert second.ok
+    assert {s["status"] for s in second.nodes().values()} == {"cached"}
+    assert "ray_job_id" not in second.record.data  # nothing was submitted to Ray at all
+    runs = nested_runs(settings, second.mlflow_run_id)
+    assert len(runs) == 5 and {r.data.tags["interpflow.cache_hit"] for r in runs.values()} == {"true"}
+    assert {r.data.tags["interpflow.produced_by_run"] for r in runs.values()} == {first.run_id}
+    assert second.table("transform_shard").equals(first.table("transform_shard"))
+
+
+def test_config_change_reruns_node_and_descendants_and_explain_names_it(settings):
+    demo(settings)
+    changed = demo(settings, "histogram.bins=7")
+    status = {n: s["status"] for n, s in changed.nodes().items()}
+    assert status == {"make_numbers": "cached", "transform_shard": "cached", "summarise": "cached",
+                      "histogram": "ran", "report": "ran"}
+    lines = explain_node(changed.record, "histogram", settings.store)
+    assert "config.bins: 20 -> 7" in "\n".join(lines)
+    assert "upstream.counts" in "\n".join(explain_node(changed.record, "report", settings.store))
+    assert "cache hit" in explain_node(changed.record, "make_numbers", settings.store)[0]
+
+
+def test_failed_node_skips_dependents_then_resume_runs_only_the_rest(settings, tmp_path):
+    marker = tmp_path / "fault"
+    marker.write_text("on")
+    failed = demo(settings, f"summary.fail_marker={marker}")
+    states = failed.nodes()
+    assert not failed.ok
+    assert states["summarise"]["status"] == "failed"
+    assert "fault drill" in states["summarise"]["traceback"] and "Traceback" in states["summarise"]["traceback"]
+    assert states["report"]["status"] == "skipped"
+    assert states["histogram"]["status"] == "ran"  # the independent branch finished
+    runs = nested_runs(settings, failed.mlflow_run_id)
+    assert runs["summarise"].info.status == "FAILED"
+    assert "fault drill" in runs["summarise"].data.tags["interpflow.error"]
+    client = MlflowClient(settings.tracking_uri)
+    assert "traceback.txt" in [a.path for a in client.list_artifacts(runs["summarise"].info.run_id)]
+
+    result = CliRunner().invoke(app, ["status", failed.run_id, "--store", settings.store])
+    assert result.exit_code == 1 and "fault drill" in result.output and "Traceback" in result.output
+
+    marker.unlink()  # fix the fault, then resume the same run
+    resumed = interpflow.resume(failed.run_id, settings.store, progress=False)
+    status = {n: s["status"] for n, s in resumed.nodes().items()}
+    assert resumed.ok and resumed.run_id == failed.run_id
+    assert status == {"make_numbers": "cached", "transform_shard": "cached", "histogram": "cached",
+                      "summarise": "ran", "report": "ran"}
+
+
+def test_corrupt_artifact_is_detected_on_read_and_recomputed(settings):
+    first = demo(settings)
+    directory = Path(settings.store) / "make_numbers" / first.nodes()["make_numbers"]["key"]
+    parquet = directory / "output.parquet"
+    data = bytearray(parquet.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    parquet.write_bytes(bytes(data))
+    second = demo(settings, "transform.power=3")  # transform must read make_numbers again
+    assert second.ok and second.metrics("report")["ground_truth_ok"] == 1.0
+    assert second.nodes()["make_numbers"]["status"] == "ran"
+    assert second.nodes()["make_numbers"].get("recomputed_after_corruption")
+    assert any((Path(settings.store) / ".quarantine").iterdir())
+    from interpflow.tasks.demo import NumbersConfig, make_numbers
+
+    assert second.outputs("make_numbers").equals(make_numbers(NumbersConfig(n=400)))
+
+
+def test_mlflow_holds_parent_and_one_nested_run_per_node(settings):
+    handle = demo(settings)
+    client = MlflowClient(settings.tracking_uri)
+    parent = client.get_run(handle.mlflow_run_id)
+    assert parent.data.tags["interpflow.run_id"] == handle.run_id
+    assert parent.data.tags["interpflow.workflow"] == "demo"
+    assert parent.data.params["numbers.n"] == "400" and parent.data.params["run.verify"] == "true"
+    assert parent.data.tags["interpflow.ray_job_id"] == handle.record.data["ray_job_id"]
+    runs = nested_runs(settings, handle.mlflow_run_id)
+    assert set(runs) == set(handle.nodes())
+    for name, run in runs.items():
+        tags, state = run.data.tags, handle.nodes()[name]
+        assert tags["interpflow.key"] == state["key"]
+        assert tags["interpflow.cache_hit"] == "false"
+        assert tags["interpflow.code_commit"] and tags["interpflow.code_dirty"] in ("true", "false", "unknown")
+        assert tags["interpflow.ray_job_id"] == handle.record.data["ray_job_id"]
+        assert tags["interpflow.output_uri"].endswith(state["key"])
+        assert run.info.status == "FINISHED"
+    upstream = __import__("json").loads(runs["summarise"].data.tags["interpflow.upstream_keys"])
+    assert upstream == {"data": handle.nodes()["transform_shard"]["key"]}
+    assert runs["histogram"].data.params["bins"] == "20"
+    assert runs["report"].data.metrics["ground_truth_ok"] == 1.0
+    assert runs["transform_shard"].data.metrics["shards_ran"] == 4
+    figures = [a.path for a in client.list_artifacts(runs["histogram"].info.run_id, "figures")]
+    assert figures == ["figures/histogram.png"]

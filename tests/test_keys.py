@@ -1,0 +1,86 @@
+"""Node keys: comments and docstrings don't count, code does; parts are explainable."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from interpflow.workflows.demo import DemoConfig, demo_graph
+from interpflow.workflows.engine.keys import canonical_json, clear_source_cache, diff_parts, source_hash
+from interpflow.workflows.engine.runner import plan_keys
+
+MODULE = '''
+def helper(x):
+    return x + 1
+
+def task(cfg, data):
+    """Docstring v{doc}."""
+    # a comment v{comment}
+    return helper(data) * {factor}
+'''
+
+
+@pytest.fixture
+def scratch_module(tmp_path, monkeypatch):
+    """A real module file we can edit, imported under the project prefix so helpers count."""
+    pkg = tmp_path / "interpflow_scratch"
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(doc=1, comment=1, factor=2, helper_add=1):
+        src = MODULE.format(doc=doc, comment=comment, factor=factor).replace("x + 1", f"x + {helper_add}")
+        pkg.mkdir(exist_ok=True)
+        (pkg / "mod.py").write_text(textwrap.dedent(src))
+        for name in [m for m in sys.modules if m.startswith("interpflow_scratch")]:
+            del sys.modules[name]
+        clear_source_cache()
+        module = importlib.import_module("interpflow_scratch.mod")
+        module.__name__ = "interpflow.scratch"  # count as project code for transitive hashing
+        module.helper.__module__ = "interpflow.scratch"
+        return module
+
+    return write
+
+
+def test_comment_and_docstring_edits_keep_the_key(scratch_module):
+    base = source_hash(scratch_module().task)
+    assert source_hash(scratch_module(comment=2).task) == base
+    assert source_hash(scratch_module(doc=7).task) == base
+
+
+def test_code_edits_change_the_key(scratch_module):
+    base = source_hash(scratch_module().task)
+    assert source_hash(scratch_module(factor=3).task) != base
+
+
+def test_edit_in_a_called_project_function_changes_the_key(scratch_module):
+    base = source_hash(scratch_module().task)
+    assert source_hash(scratch_module(helper_add=5).task) != base
+
+
+def test_canonical_json_is_order_independent():
+    assert canonical_json({"b": 1, "a": [1, {"d": 2, "c": 3}]}) == canonical_json({"a": [1, {"c": 3, "d": 2}], "b": 1})
+
+
+def test_config_change_changes_exactly_that_node_and_descendants():
+    before = plan_keys(demo_graph(DemoConfig()))
+    after = plan_keys(demo_graph(DemoConfig(histogram={"bins": 7})))
+    changed = {name for name in before if before[name][0] != after[name][0]}
+    assert changed == {"histogram", "report"}
+    assert diff_parts(before["histogram"][1], after["histogram"][1]) == ["config.bins"]
+    assert diff_parts(before["report"][1], after["report"][1]) == ["upstream.counts"]
+
+
+def test_keys_are_stable_across_processes():
+    """Keys must not depend on hash() seeds or object ids: recompute in a fresh interpreter."""
+    import subprocess
+
+    code = ("from interpflow.workflows.demo import DemoConfig, demo_graph;"
+            "from interpflow.workflows.engine.runner import plan_keys;"
+            "print(plan_keys(demo_graph(DemoConfig()))['report'][0])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": ""}, check=True).stdout.strip()
+            for seed in (1, 2)}
+    assert outs == {plan_keys(demo_graph(DemoConfig()))["report"][0]}

@@ -1,0 +1,226 @@
+"""`interpflow` command line: a thin layer over the notebook API (workflows/api.py).
+
+Exit codes: 0 success, 1 a node failed, 2 bad input (spec, overrides, store), reported before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from interpflow.workflows import api
+from interpflow.workflows.engine.keys import diff_parts
+from interpflow.workflows.engine.record import RunRecord
+from interpflow.workflows.spec import SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run interpretability workflows as durable, resumable DAGs on Ray.")
+out = Console()
+err = Console(stderr=True)
+
+STORE_OPT = typer.Option(None, "--store", help="artifact store (default .interpflow/store or INTERPFLOW_STORE)")
+
+
+def _fail_input(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _store_overrides(store: str | None) -> list[str]:
+    return [f"run.store={store}"] if store else []
+
+
+def _fmt_shards(s: dict | None) -> str:
+    return "" if not s else f"{s.get('ran', 0)} ran / {s.get('cached', 0)} cached / {s.get('total', 0)}"
+
+
+def print_summary(handle: api.RunHandle) -> None:
+    record = handle.record
+    table = Table(title=f"run {record.run_id}: {record.data['status']}")
+    for col in ("node", "status", "shards", "rows", "seconds", "key"):
+        table.add_column(col, overflow="fold")
+    colours = {"ran": "green", "cached": "cyan", "failed": "red", "skipped": "yellow"}
+    for name, s in record.nodes.items():
+        status = s["status"]
+        table.add_row(name, f"[{colours.get(status, 'white')}]{status}[/]", _fmt_shards(s.get("shards")),
+                      str(s.get("rows") or ""), "" if s.get("seconds") is None else f"{s['seconds']:.2f}",
+                      s["key"][:12])
+    out.print(table)
+    for name, s in record.nodes.items():
+        if s["status"] == "failed":
+            out.print(f"[red]{name} failed:[/] {s['error']}  (full traceback: interpflow status {record.run_id})")
+    out.print(f"outputs: {handle.store.uri}/<node>/<key>   (open: interpflow show {record.run_id} NODE)")
+    if record.data.get("mlflow_run_id"):
+        out.print(f"MLflow run: {record.data['mlflow_run_id']} at {record.data.get('tracking_uri')} "
+                  f"(browse: mlflow ui --backend-store-uri {record.data.get('tracking_uri')})")
+    if record.data["status"] != "succeeded":
+        out.print(f"resume after fixing: interpflow resume {record.run_id}")
+
+
+@app.command()
+def run(spec: str = typer.Argument(..., help="spec file, or a bundled spec name (demo, extract, ...)"),
+        overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. transform.power=3"),
+        store: Optional[str] = STORE_OPT,
+        run_id: Optional[str] = typer.Option(None, help="name this run (default: workflow-time-random)"),
+        progress: bool = typer.Option(True, help="show progress bars")) -> None:
+    """Run a workflow spec; committed nodes are reused from the store."""
+    try:
+        loaded = load_spec(spec, list(overrides or []) + _store_overrides(store))
+    except SpecError as exc:
+        _fail_input(str(exc))
+    handle = api.run(loaded, run_id=run_id, progress=progress)
+    print_summary(handle)
+    raise typer.Exit(0 if handle.ok else 1)
+
+
+@app.command()
+def resume(run_id: str, store: Optional[str] = STORE_OPT,
+           progress: bool = typer.Option(True, help="show progress bars")) -> None:
+    """Resume a run: only nodes and shards that are not committed run again."""
+    try:
+        handle = api.resume(run_id, store, progress=progress)
+    except (FileNotFoundError, SpecError, ValueError) as exc:
+        _fail_input(str(exc))
+    print_summary(handle)
+    raise typer.Exit(0 if handle.ok else 1)
+
+
+def _record(run_id: str | None, store: str | None) -> RunRecord:
+    st = api.find_store_of_run(run_id or "", store)
+    if run_id:
+        return RunRecord.load(st, run_id)
+    records = RunRecord.list(st)
+    if not records:
+        _fail_input(f"no runs in store {st.uri}")
+    return records[-1]
+
+
+@app.command()
+def status(run_id: Optional[str] = typer.Argument(None, help="run id (default: the latest run)"),
+           store: Optional[str] = STORE_OPT) -> None:
+    """Per-node state of a run, with the traceback of every failed node."""
+    try:
+        record = _record(run_id, store)
+    except FileNotFoundError as exc:
+        _fail_input(str(exc))
+    handle = api.RunHandle(api.find_store_of_run(record.run_id, store), record)
+    print_summary(handle)
+    for name, s in record.nodes.items():
+        if s.get("traceback"):
+            out.print(f"\n[bold red]--- {name} traceback ---[/]")
+            out.print(s["traceback"], markup=False, highlight=False)
+    raise typer.Exit(0 if record.data["status"] == "succeeded" else 1)
+
+
+@app.command("ls")
+def list_runs(store: Optional[str] = STORE_OPT) -> None:
+    """Runs recorded in the store, oldest first."""
+    st = api.find_store_of_run("", store)
+    table = Table(title=f"runs in {st.uri}")
+    for col in ("run", "workflow", "status", "ran", "cached", "failed"):
+        table.add_column(col)
+    for record in RunRecord.list(st):
+        states = [s["status"] for s in record.nodes.values()]
+        table.add_row(record.run_id, record.data["workflow"], record.data["status"],
+                      *(str(states.count(k)) for k in ("ran", "cached", "failed")))
+    out.print(table)
+
+
+def explain_node(record: RunRecord, node: str, store: str | None = None) -> list[str]:
+    """Lines saying why `node` in `record` did or did not reuse the last computed output."""
+    if node not in record.nodes:
+        raise KeyError(f"no node '{node}' in run {record.run_id}; nodes: {', '.join(record.nodes)}")
+    current = record.node(node)
+    st = api.find_store_of_run(record.run_id, store)
+    earlier = [r for r in RunRecord.list(st) if r.run_id != record.run_id
+               and r.data.get("created", 0) <= record.data.get("created", 0)
+               and r.nodes.get(node, {}).get("status") == "ran"]
+    if not earlier:
+        return [f"{node}: no earlier run computed this node; key {current['key'][:12]} is new"]
+    previous = earlier[-1]
+    old = previous.node(node)
+    if old["key"] == current["key"]:
+        return [f"{node}: same key {current['key'][:12]} as run {previous.run_id}, which computed it: "
+                "nothing changed, so it is a cache hit"]
+    lines = [f"{node}: key {current['key'][:12]} differs from {old['key'][:12]} computed by run "
+             f"{previous.run_id}; changed key parts:"]
+    for part in diff_parts(old["parts"], current["parts"]):
+        a, b = _lookup(old["parts"], part), _lookup(current["parts"], part)
+        what = {"source": "task function code", "version": "explicit version"}.get(part.split(".")[0], "")
+        if part.startswith("upstream."):
+            what = f"upstream node '{current['upstream'].get(part.split('.')[1], '?')}' changed"
+        if part.startswith(("upstream.", "source")):
+            a, b = str(a)[:12], str(b)[:12]
+        lines.append(f"  {part}: {json.dumps(a)[:80]} -> {json.dumps(b)[:80]}" + (f"  ({what})" if what else ""))
+    return lines
+
+
+def _lookup(parts: dict, dotted: str):
+    value = parts
+    for p in dotted.split("."):
+        value = value.get(p) if isinstance(value, dict) else None
+    return value
+
+
+@app.command()
+def explain(run_id: str, node: str, store: Optional[str] = STORE_OPT) -> None:
+    """Which key part of NODE changed versus the last run that computed it."""
+    try:
+        lines = explain_node(_record(run_id, store), node, store)
+    except (KeyError, FileNotFoundError) as exc:
+        _fail_input(str(exc).strip("'\""))
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
+
+
+@app.command()
+def show(run_id: str, node: str, store: Optional[str] = STORE_OPT,
+         rows: int = typer.Option(5, help="rows of each table to print")) -> None:
+    """A node's committed outputs: metrics, files and the first rows of each table."""
+    record = _record(run_id, store)
+    handle = api.RunHandle(api.find_store_of_run(run_id, store), record)
+    try:
+        directory, manifest = handle._directory(node)
+    except (KeyError, FileNotFoundError) as exc:
+        _fail_input(str(exc).strip("'\""))
+    out.print(f"{node} at {directory}")
+    out.print(f"metrics: {json.dumps(manifest.get('metrics', {}), indent=1)}", markup=False)
+    for name, meta in manifest.get("outputs", {}).items():
+        out.print(f"- {name}: {meta['kind']} {meta.get('rows') or ''}", markup=False)
+        if meta["kind"] == "table":
+            out.print(handle.table(node, name).slice(0, rows).to_pandas().to_string(), markup=False)
+
+
+@app.command()
+def submit(spec: str, overrides: Optional[list[str]] = typer.Argument(None),
+           address: str = typer.Option(..., help="Ray dashboard address, e.g. http://127.0.0.1:8265"),
+           wait: bool = typer.Option(True, help="follow the job until it ends"),
+           timeout: float = typer.Option(1800, help="seconds to wait when following")) -> None:
+    """Submit a spec to a Ray cluster as a Ray job (resubmitting the same spec attaches to it)."""
+    from interpflow.cluster.submit import submit_spec
+
+    try:
+        loaded = load_spec(spec, list(overrides or []), check_store=False)
+    except SpecError as exc:
+        _fail_input(str(exc))
+    result = submit_spec(loaded, address, wait=wait, timeout_s=timeout, echo=out.print)
+    out.print(f"job {result.submission_id}: {result.status}"
+              + (" (already submitted; attached)" if result.attached else ""))
+    raise typer.Exit(0 if result.status in ("SUCCEEDED", "RUNNING", "PENDING") else 1)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as exc:  # pragma: no cover - defensive: commands catch their own
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
