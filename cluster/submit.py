@@ -9,6 +9,7 @@ the cluster token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -47,11 +48,29 @@ def build_wheel(dest: Path) -> Path:
     return next(dest.glob("interpflow-*.whl"))
 
 
-def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 1800,
-                echo: Callable[[str], None] = print) -> Submission:
+def cluster_auth_headers() -> dict[str, str]:
+    """The bearer header for a token-auth cluster, from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token (where `ray start` writes it). Empty if no token is at hand.
+
+    Passed explicitly because Ray's own client only adds it when RAY_AUTH_MODE=token was set before
+    `import ray`, which a notebook or test process cannot promise.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def jobs_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    return JobSubmissionClient(address, headers=cluster_auth_headers())
+
+
+def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 1800,
+                echo: Callable[[str], None] = print) -> Submission:
+    client = jobs_client(address)
     sid = submission_id_for(spec)
     try:
         status = str(client.get_job_status(sid).value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,23 @@ def code_version(path: str | Path | None = None) -> dict[str, str]:
         return {"commit": "unknown", "dirty": "unknown"}
 
 
+@contextmanager
+def _sqlite_init_lock(uri: str):
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = uri[len("sqlite:///"):] + ".init-lock"
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Lineage:
     """Driver-side MLflow bookkeeping for one workflow run."""
 
@@ -67,8 +85,9 @@ class Lineage:
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self.uri = tracking_uri
-        self.client = _client(tracking_uri)
-        self.experiment_id = self._experiment(experiment)
+        with _sqlite_init_lock(tracking_uri):  # two drivers must not migrate a new database at once
+            self.client = _client(tracking_uri)
+            self.experiment_id = self._experiment(experiment)
         self.parent_id: str | None = None
         self.common_tags: dict[str, str] = {}
 
