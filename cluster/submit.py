@@ -1,8 +1,8 @@
 """Submit a spec to a Ray cluster through the Ray Jobs SDK.
 
 The job's `submission_id` is derived from the spec, so submitting the same spec twice attaches to
-the job already there instead of starting a second one. The package travels as a wheel in the
-job's runtime env (`py_modules`), the spec in its `working_dir`. Token auth: the Jobs client sends
+the job already there instead of starting a second one. The package travels as the contents of
+its wheel in the job's runtime env (`py_modules`), the spec in its `working_dir`. Token auth: the Jobs client sends
 the cluster token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token when auth is on.
 """
 
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,11 +42,19 @@ def submission_id_for(spec: Spec) -> str:
     return f"interpflow-{spec.workflow}-{digest}"
 
 
-def build_wheel(dest: Path) -> Path:
-    """Build this checkout's wheel (no dependencies: the cluster image provides them)."""
+def build_package(dest: Path) -> Path:
+    """This checkout's package as the `interpflow/` folder of its wheel.
+
+    A `.whl` in `py_modules` is pip-installed with all its dependencies on every node (minutes, and
+    it may pull another torch); the unpacked folder ships the same files and leaves the cluster
+    image's dependencies alone.
+    """
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(dest), str(PROJECT_ROOT)], check=True, capture_output=True, text=True)
-    return next(dest.glob("interpflow-*.whl"))
+    wheel = next(dest.glob("interpflow-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(dest / "unpacked")
+    return dest / "unpacked" / "interpflow"
 
 
 def cluster_auth_headers() -> dict[str, str]:
@@ -83,11 +92,11 @@ def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 
             workdir = staging / "job"
             workdir.mkdir()
             (workdir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
-            wheel = build_wheel(staging / "wheel")
+            package = build_package(staging / "wheel")
             client.submit_job(
                 entrypoint="python -m interpflow.workflows.cli run spec.yaml --no-progress",
                 submission_id=sid,
-                runtime_env={"working_dir": str(workdir), "py_modules": [str(wheel)]},
+                runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
                 metadata={"interpflow_workflow": spec.workflow},
             )
         finally:
