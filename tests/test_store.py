@@ -40,8 +40,9 @@ def test_round_trip_of_every_kind(tmp_path):
     assert loaded["table"].equals(outputs["table"])
     assert torch.equal(loaded["weights"]["w"], outputs["weights"]["w"])
     assert loaded["array"].dtype == np.float16 and loaded["array"].shape == (4, 2)
-    assert loaded["meta"] == {"name": "x", "n": 3} and loaded["metrics"] == {"loss": 0.25}
-    assert "plot" not in loaded  # figures are for people, not for downstream nodes
+    assert loaded["meta"] == {"name": "x", "n": 3}
+    assert "plot" not in loaded and "metrics" not in loaded  # for people and MLflow, not downstream nodes
+    assert store.load(directory, manifest, "metrics") == {"loss": 0.25}
     assert not any(p.suffix == ".pkl" for p in tmp_path.rglob("*"))
 
 

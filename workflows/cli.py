@@ -138,6 +138,7 @@ def explain_node(record: RunRecord, node: str, store: str | None = None) -> list
     current = record.node(node)
     st = api.find_store_of_run(record.run_id, store)
     earlier = [r for r in RunRecord.list(st) if r.run_id != record.run_id
+               and r.data.get("workflow") == record.data.get("workflow")
                and r.data.get("created", 0) <= record.data.get("created", 0)
                and r.nodes.get(node, {}).get("status") == "ran"]
     if not earlier:

@@ -26,9 +26,11 @@ from pydantic import BaseModel, ValidationError
 from interpflow.workflows.engine.keys import canonical_json
 from interpflow.workflows.engine.settings import RunSettings
 
-# Workflow name -> "module:builder". A builder takes its typed config and returns a Graph.
+# Workflow name -> "module:builder". A builder takes its typed config and returns a Graph; the
+# module may define `validate(config)` for checks that need more than pydantic (raise ValueError).
 WORKFLOWS: dict[str, str] = {
     "demo": "interpflow.workflows.demo:demo_graph",
+    "extract": "interpflow.workflows.extract:extract_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
@@ -182,6 +184,12 @@ def load_spec(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = 
         config = config_type(**fields)
     except ValidationError as exc:
         raise SpecError(explain_validation(exc, config_type)) from None
+    validate = getattr(importlib.import_module(WORKFLOWS[str(name)].partition(":")[0]), "validate", None)
+    if validate is not None:
+        try:
+            validate(config)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise SpecError(str(exc).strip("'\"")) from None
     if check_store:
         check_settings(settings)
     return Spec(str(name), config, settings, data, source)

@@ -128,23 +128,3 @@ def _summary(job: Job, manifest: dict | None, status: str) -> dict:
         "timings": manifest.get("timings", {}),
         "produced_by": manifest.get("produced_by", {}),
     }
-
-
-class PoolWorker:
-    """Body of a pool actor: builds its resource (a loaded model, say) once, then runs shards.
-
-    Methods are idempotent (a shard commits atomically or not at all), so Ray may retry them
-    after an actor restart.
-    """
-
-    def __init__(self, store_uri: str, setup: Callable, config: BaseModel | None,
-                 setup_inputs: dict[str, InputRef], resource_arg: str, verify: bool):
-        store = Store(store_uri)
-        self.resource = setup(config, **load_inputs(store, setup_inputs, verify))
-        self.resource_arg = resource_arg
-
-    def run(self, job: Job) -> dict:
-        return execute_job(job, self.resource, self.resource_arg)
-
-    def pid(self) -> int:
-        return os.getpid()

@@ -73,6 +73,7 @@ class ActorPool:
     num_cpus: float = 1
     num_gpus: float = 0
     max_restarts: int = 3
+    actor: type | None = None  # the actor class; default actors.pool.PoolWorker
 
 
 @dataclass(eq=False)

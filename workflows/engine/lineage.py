@@ -121,7 +121,7 @@ class Lineage:
         return self.parent_id
 
     def start_node(self, name: str, key: str, parts: dict, upstream: dict[str, str], cache_hit: bool,
-                   produced_by: dict | None = None) -> str:
+                   produced_by: dict | None = None, inputs: dict[str, dict] | None = None) -> str:
         tags = {
             "mlflow.parentRunId": self.parent_id,
             f"{TAG}node": name,
@@ -136,6 +136,10 @@ class Lineage:
             tags[f"{TAG}produced_by_mlflow_run"] = str(produced_by.get("mlflow_run_id"))
         run = _retry(self.client.create_run, self.experiment_id, run_name=name, tags=tags)
         params = flatten(parts.get("config", {}))
+        params.update(flatten(parts.get("external", {}), "external."))
+        for arg, info in (inputs or {}).items():  # the content each input had: weights, data, tables
+            params[f"input.{arg}.digest"] = str(info.get("digest"))
+            params[f"input.{arg}.uri"] = str(info.get("uri"))[:6000]
         params.update({"version": str(parts.get("version")), "source_hash": str(parts.get("source"))[:16]})
         self._batch(run.info.run_id, params=params)
         return run.info.run_id

@@ -19,13 +19,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from interpflow.workflows.engine.execute import InputRef, Job, PoolWorker, execute_job, plan_ids
+from interpflow.workflows.engine.execute import InputRef, Job, execute_job, plan_ids
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
 from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
 from interpflow.workflows.engine.lineage import Lineage
 from interpflow.workflows.engine.record import RunRecord
 from interpflow.workflows.engine.settings import RunSettings
-from interpflow.workflows.engine.store import CorruptArtifact, Store
+from interpflow.workflows.engine.store import CorruptArtifact, Store, content_digest
 
 log = logging.getLogger("interpflow")
 
@@ -102,7 +102,10 @@ def ensure_ray(settings: RunSettings) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # "local" starts a private cluster even if a `ray start` head is running on this machine.
-        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False, **kwargs)
+        quiet = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                 "TQDM_DISABLE": "1"}  # worker progress bars would interleave with the driver's
+        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": quiet}, **kwargs)
     return True
 
 
@@ -169,7 +172,6 @@ class Runner:
             self._remote = {
                 "execute": ray.remote(execute_job),
                 "plan": ray.remote(plan_ids).options(num_cpus=0.25, **self._retry_options),
-                "actor": ray.remote(PoolWorker),
             }
         return self._remote
 
@@ -185,8 +187,12 @@ class Runner:
             return
         state = self._state(n.name)
         upstream = {arg: self.keys[name][0] for arg, name in state["upstream"].items()}
+        inputs = {}  # what this node read, by content: model weights, datasets, upstream tables
+        for arg, name in state["upstream"].items():
+            manifest = self.store.read_manifest(self.store.node_path(name, self.keys[name][0])) or {}
+            inputs[arg] = {"node": name, "uri": self._state(name)["output_uri"], "digest": manifest.get("digest")}
         state["mlflow_run_id"] = self.lineage.start_node(n.name, state["key"], state["parts"], upstream,
-                                                         cache_hit, produced_by)
+                                                         cache_hit, produced_by, inputs)
 
     def _close_lineage(self, name: str, metrics: dict | None = None, tags: dict | None = None) -> None:
         state = self._state(name)
@@ -236,6 +242,8 @@ class Runner:
         if not missing:
             self._finish_sharded(n)
             return
+        import ray
+
         remotes = self._remotes()
         if n.actors is None:
             for shard in missing:
@@ -245,7 +253,9 @@ class Runner:
         pool_cfg = n.actors
         setup_inputs = {k: v for k, v in n.inputs.items() if k in pool_cfg.setup_inputs}
         task_inputs = {k: v for k, v in n.inputs.items() if k not in pool_cfg.setup_inputs}
-        actor_cls = remotes["actor"].options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
+        from interpflow.actors.pool import PoolWorker
+
+        actor_cls = ray.remote(pool_cfg.actor or PoolWorker).options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
                                              max_restarts=pool_cfg.max_restarts,
                                              max_task_retries=self.settings.max_retries + 1)
         actors = [actor_cls.remote(self.store.uri, pool_cfg.setup, pool_cfg.config,
@@ -269,18 +279,26 @@ class Runner:
         state = self._state(n.name)
         shards = self.shards[n.name]
         entries, outputs, rows, nbytes = [], {}, 0, 0
+        summed: dict[str, float] = {}
         for shard in shards:
             directory = self.store.shard_path(n.name, state["key"], shard.index, shard.count)
             manifest = self.store.read_manifest(directory)
             outputs = outputs or manifest.get("outputs", {})
+            for k, v in manifest.get("metrics", {}).items():
+                summed[k] = summed.get(k, 0) + v
             entries.append({"dir": shard.name, "rows": manifest.get("rows", 0), "num_ids": len(shard.ids),
-                            "bytes": manifest.get("bytes", 0)})
+                            "bytes": manifest.get("bytes", 0), "digest": manifest.get("digest")})
             rows += manifest.get("rows", 0)
             nbytes += manifest.get("bytes", 0)
-        metrics = {"rows": rows, "bytes": nbytes, "shards": len(shards),
+        # A sharded node's metrics: its shards' metrics summed, plus sizes, counts and throughput.
+        wall = max(time.time() - state.get("started", time.time()), 1e-9)
+        metrics = {**summed, "rows": rows, "bytes": nbytes, "shards": len(shards), "wall_s": wall,
                    "shards_ran": state["shards"]["ran"], "shards_cached": state["shards"]["cached"]}
+        if "tokens" in summed and state["shards"]["ran"] == len(shards):
+            metrics["tokens_per_s"] = summed["tokens"] / wall
         self.store.commit_manifest(self.store.node_path(n.name, state["key"]), {
             "node": n.name, "key": state["key"], "shards": entries, "outputs": outputs, "rows": rows,
+            "digest": content_digest([e["digest"] for e in entries]),
             "bytes": nbytes, "files": {}, "metrics": metrics,
             "produced_by": {"run_id": self.record.run_id, "mlflow_run_id": state["mlflow_run_id"]}})
         self._complete(n.name, "ran", metrics, rows=rows, bytes=nbytes)

@@ -53,6 +53,11 @@ class CorruptArtifact(StoreError):
         return (CorruptArtifact, (self.node, self.key, self.path, self.reason))
 
 
+def content_digest(obj: Any) -> str:
+    """One sha256 naming an artifact's content (over its files' checksums, or its shards' digests)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def shard_dirname(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}"
 
@@ -70,7 +75,7 @@ class Output:
     """One named output as recorded in a manifest."""
 
     name: str
-    kind: str  # table | tensors | ndarray | json | hf | figure
+    kind: str  # table | tensors | ndarray | json | hf | dataset | figure
     path: str
     rows: int | None = None
 
@@ -87,6 +92,8 @@ def classify(value: Any) -> str:
         return "figure"
     if hasattr(value, "save_pretrained"):
         return "hf"
+    if type(value).__name__ == "Dataset" and hasattr(value, "save_to_disk"):
+        return "dataset"  # a Hugging Face `datasets.Dataset`
     if isinstance(value, np.ndarray):
         return "ndarray"
     try:
@@ -126,6 +133,9 @@ def _write_output(name: str, value: Any, staging: Path) -> Output:
     if kind == "hf":
         value.save_pretrained(str(staging / name))
         return Output(name, kind, name)
+    if kind == "dataset":
+        value.save_to_disk(str(staging / name))
+        return Output(name, kind, name, rows=value.num_rows)
     if kind == "figure":
         path = f"{name}.png"
         value.savefig(staging / path, dpi=110, bbox_inches="tight")
@@ -258,8 +268,9 @@ class Store:
                 "format": MANIFEST_FORMAT,
                 **meta,
                 "files": files,
+                "digest": content_digest(files),
                 "outputs": {o.name: {"kind": o.kind, "path": o.path, "rows": o.rows} for o in written.values()},
-                "rows": sum(o.rows or 0 for o in written.values() if o.kind == "table"),
+                "rows": sum(o.rows or 0 for o in written.values() if o.kind in ("table", "dataset")),
                 "bytes": sum(f["size"] for f in files.values()),
                 "committed_at": time.time(),
             }
@@ -332,7 +343,10 @@ class Store:
         if verify:
             self.verify(directory, manifest)
         outputs = manifest["outputs"]
-        names = [output] if output else [n for n, o in outputs.items() if o["kind"] != "figure"]
+        # By default a node's value is its data: figures are for people, metrics for MLflow (ask
+        # for them by name), unless metrics are all the node has.
+        data = [n for n, o in outputs.items() if o["kind"] != "figure" and n != "metrics"]
+        names = [output] if output else (data or [n for n in outputs if n == "metrics"])
         values = {n: self._load_one(directory, outputs[n]) for n in names}
         if output or len(values) == 1:
             return next(iter(values.values()))
@@ -358,6 +372,10 @@ class Store:
             return self.read_json(path)
         if kind in ("hf", "figure"):
             return self.local_copy(path)
+        if kind == "dataset":
+            import datasets
+
+            return datasets.load_from_disk(self.local_copy(path))
         raise StoreError(f"unknown output kind {kind!r} in {directory}")
 
     def local_copy(self, path: str) -> str:
