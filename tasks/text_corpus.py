@@ -93,8 +93,3 @@ def make_corpus(cfg: CorpusConfig) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"id": np.arange(n, dtype=np.int64), "text": texts, "topic": topics.astype(np.int64),
          "concept": concepts}, features=features)
-
-
-def example_ids(cfg, data: datasets.Dataset) -> list[int]:
-    """The stable ids of the corpus, for sharding by id (cfg is unused)."""
-    return [int(i) for i in data["id"]]

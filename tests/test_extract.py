@@ -195,3 +195,25 @@ def test_device_the_machine_lacks_fails_early(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(SpecError, match="no GPU is visible"):
         _spec(tmp_path, "load.device=cuda")
+
+
+def test_pixel_inputs_on_a_video_transformer(tmp_path):
+    """VideoMAE (tubelet 1) through the same site map and capture: sites equal hidden states."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    from interpflow.tasks.sites import capture
+
+    config = VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=1, hidden_size=32,
+                            num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    VideoMAEModel(config).save_pretrained(tmp_path / "video")
+    loaded = load_model(str(tmp_path / "video"), ModelConfig())
+    assert loaded.tokenizer is None and loaded.sites.model_type == "videomae"
+    pixels = torch.randn(2, 4, 3, 32, 32)
+    sites = loaded.sites.resolve_all(["blocks.0.resid_post", "blocks.2.resid_post", "blocks.1.attn.head.3"])
+    out = capture(loaded.model, sites, n_heads=loaded.sites.n_heads, pixel_values=pixels)
+    with torch.no_grad():
+        hidden = loaded.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert out["blocks.0.resid_post"].shape == (2, 4 * 16, 32)  # one token per frame patch
+    assert torch.allclose(out["blocks.2.resid_post"], hidden[3], atol=1e-5)
+    assert out["blocks.1.attn.head.3"].shape == (2, 64, 8)

@@ -191,10 +191,19 @@ def show(run_id: str, node: str, store: Optional[str] = STORE_OPT,
         _fail_input(str(exc).strip("'\""))
     out.print(f"{node} at {directory}")
     out.print(f"metrics: {json.dumps(manifest.get('metrics', {}), indent=1)}", markup=False)
+    sharded = "shards" in manifest
     for name, meta in manifest.get("outputs", {}).items():
-        out.print(f"- {name}: {meta['kind']} {meta.get('rows') or ''}", markup=False)
+        if sharded and meta["kind"] != "table":
+            continue
         if meta["kind"] == "table":
-            out.print(handle.table(node, name).slice(0, rows).to_pandas().to_string(), markup=False)
+            value = handle.outputs(node, name)
+            count = value.count_rows() if sharded else value.num_rows
+            where = f" in {len(manifest['shards'])} shards" if sharded else ""
+            out.print(f"- {name}: table, {count} rows{where}", markup=False)
+            head = value.head(rows) if sharded else value.slice(0, rows)
+            out.print(head.to_pandas().to_string(), markup=False)
+        else:
+            out.print(f"- {name}: {meta['kind']} at {directory}/{meta['path']}", markup=False)
 
 
 @app.command()
