@@ -136,6 +136,9 @@ def use_model(cfg: ModelRef) -> str:
 
 def load_model(path_or_id: str, cfg: ModelConfig) -> LoadedModel:
     """Load a model and its tokenizer (if any) once, for an actor to serve many batches."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor start would interleave on the driver's console
     check_model_source(path_or_id)
     device = resolve_device(cfg)
     check_dtype(cfg.dtype, device)

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 import interpflow
+import interpflow.workflows.api
 from interpflow.workflows.cli import app, explain_node
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -57,7 +58,14 @@ def test_config_change_reruns_node_and_descendants_and_explain_names_it(settings
 def test_failed_node_skips_dependents_then_resume_runs_only_the_rest(settings, tmp_path):
     marker = tmp_path / "fault"
     marker.write_text("on")
-    failed = demo(settings, f"summary.fail_marker={marker}")
+    result = CliRunner().invoke(app, ["run", "demo", "numbers.n=400", "num_shards=4", f"summary.fail_marker={marker}",
+                                      f"run.store={settings.store}", f"run.tracking_uri={settings.tracking_uri}",
+                                      "--no-progress"])
+    assert result.exit_code == 1, result.output  # a failed node fails the command
+    assert "summarise failed" in " ".join(result.output.split())
+    (run_id,) = [p.name for p in (Path(settings.store) / "runs").iterdir()]
+    failed = interpflow.workflows.api.RunHandle(interpflow.workflows.api.find_store_of_run(run_id, settings.store),
+                                                interpflow.workflows.api.load_record(run_id, settings.store))
     states = failed.nodes()
     assert not failed.ok
     assert states["summarise"]["status"] == "failed"

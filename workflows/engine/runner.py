@@ -255,9 +255,10 @@ class Runner:
         task_inputs = {k: v for k, v in n.inputs.items() if k not in pool_cfg.setup_inputs}
         from interpflow.actors.pool import PoolWorker
 
-        actor_cls = ray.remote(pool_cfg.actor or PoolWorker).options(num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus,
-                                             max_restarts=pool_cfg.max_restarts,
-                                             max_task_retries=self.settings.max_retries + 1)
+        # Restarted actors rebuild their resource; in-flight shard jobs are retried (they are idempotent).
+        actor_cls = ray.remote(pool_cfg.actor or PoolWorker).options(
+            num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus, max_restarts=pool_cfg.max_restarts,
+            max_task_retries=self.settings.max_retries + 1)
         actors = [actor_cls.remote(self.store.uri, pool_cfg.setup, pool_cfg.config,
                                    self._input_refs(setup_inputs), pool_cfg.resource_arg, self.settings.verify)
                   for _ in range(min(pool_cfg.size, len(missing)))]
@@ -296,7 +297,12 @@ class Runner:
                    "shards_ran": state["shards"]["ran"], "shards_cached": state["shards"]["cached"]}
         if "tokens" in summed and state["shards"]["ran"] == len(shards):
             metrics["tokens_per_s"] = summed["tokens"] / wall
-        self.store.commit_manifest(self.store.node_path(n.name, state["key"]), {
+        directory = self.store.node_path(n.name, state["key"])
+        if self.store.committed(directory) is not None:  # a concurrent run sealed it first
+            self._complete(n.name, "ran" if state["shards"]["ran"] else "cached", metrics, rows=rows, bytes=nbytes)
+            self._drop_pool(n.name)
+            return
+        self.store.commit_manifest(directory, {
             "node": n.name, "key": state["key"], "shards": entries, "outputs": outputs, "rows": rows,
             "digest": content_digest([e["digest"] for e in entries]),
             "bytes": nbytes, "files": {}, "metrics": metrics,

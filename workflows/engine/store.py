@@ -134,6 +134,9 @@ def _write_output(name: str, value: Any, staging: Path) -> Output:
         value.save_pretrained(str(staging / name))
         return Output(name, kind, name)
     if kind == "dataset":
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # a storage detail: no bar per commit in the driver's console
         value.save_to_disk(str(staging / name))
         return Output(name, kind, name, rows=value.num_rows)
     if kind == "figure":
