@@ -108,7 +108,7 @@ class TestOnLocalRay:
 def test_driver_sigkill_mid_extraction_then_resume(tmp_path):
     import yaml
 
-    sections = {"workflow": "extract", "model": {"path": _minilm()}, "corpus": {"n_examples": 480},
+    sections = {"workflow": "extract", "model": {"path": _minilm()}, "corpus": {"n_examples": 960},
                 "extract": {"sites": ["blocks.2.resid_post"], "batch_size": 8}, "num_shards": 12,
                 "report": {"label_column": None}}
 
