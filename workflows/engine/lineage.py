@@ -7,6 +7,7 @@ a cache hit and which run produced the artifact, the code version and the Ray jo
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
@@ -17,7 +18,9 @@ from typing import Any
 TAG = "interpflow."
 
 
+@functools.lru_cache(maxsize=8)
 def _client(uri: str):
+    """One client per process and URI: opening a SQLAlchemy store checks the schema (slow)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
