@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -27,6 +26,3 @@ class PoolWorker:
 
     def run(self, job: Job) -> dict:
         return execute_job(job, self.resource, self.resource_arg)
-
-    def pid(self) -> int:
-        return os.getpid()

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 SITE_LAYER = 3
 

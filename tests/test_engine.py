@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ def test_failed_node_skips_dependents_then_resume_runs_only_the_rest(settings, t
     assert result.exit_code == 1, result.output  # a failed node fails the command
     assert "summarise failed" in " ".join(result.output.split())
     (run_id,) = [p.name for p in (Path(settings.store) / "runs").iterdir()]
-    failed = interpflow.workflows.api.RunHandle(interpflow.workflows.api.find_store_of_run(run_id, settings.store),
+    failed = interpflow.workflows.api.RunHandle(interpflow.workflows.api.open_store(settings.store),
                                                 interpflow.workflows.api.load_record(run_id, settings.store))
     states = failed.nodes()
     assert not failed.ok

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -12,8 +9,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-import interpflow
-from interpflow.tasks import activations, text_corpus, tiny_lm
+from interpflow.tasks import text_corpus, tiny_lm
 from interpflow.tasks.activations import ExtractConfig, extract_shard, stream, vectors_of
 from interpflow.tasks.models import ModelConfig, load_model
 from interpflow.workflows.engine.graph import Shard

@@ -59,7 +59,7 @@ class TestOnLocalRay:
         assert rows == handle.metrics("activations")["tokens"] > 300
         client = MlflowClient(settings.tracking_uri)
         exp = client.get_experiment_by_name(settings.experiment)
-        (run,) = client.search_runs([exp.experiment_id], f"tags.`interpflow.node` = 'activations'")
+        (run,) = client.search_runs([exp.experiment_id], "tags.`interpflow.node` = 'activations'")
         params, metrics = run.data.params, run.data.metrics
         model_manifest = json.loads(next(Path(settings.store).glob("tiny_lm/*/_manifest.json")).read_text())
         assert params["input.model.digest"] == model_manifest["digest"]  # weights, by content

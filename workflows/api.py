@@ -9,7 +9,6 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +129,14 @@ def run(spec: str | Path | dict | BaseModel | Spec, overrides: list[str] | tuple
                      config=spec.config.model_dump(mode="json"), run_id=run_id, progress=progress)
 
 
-def find_store_of_run(run_id: str, store: str | None = None) -> Store:
+def open_store(store: str | None = None) -> Store:
+    """The given store, or the default one (INTERPFLOW_STORE or .interpflow/store)."""
     return Store(RunSettings(**({"store": store} if store else {})).resolved_store())
 
 
 def resume(run_id: str, store: str | None = None, progress: bool | None = None) -> RunHandle:
     """Re-run a recorded spec run: committed nodes and shards are reused, the rest runs."""
-    st = find_store_of_run(run_id, store)
+    st = open_store(store)
     record = RunRecord.load(st, run_id)
     if not record.data.get("spec"):
         raise ValueError(f"run {run_id} was started from a graph in code; resume it with "
@@ -147,8 +147,4 @@ def resume(run_id: str, store: str | None = None, progress: bool | None = None) 
 
 
 def load_record(run_id: str, store: str | None = None) -> RunRecord:
-    return RunRecord.load(find_store_of_run(run_id, store), run_id)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use the `interpflow` command")
+    return RunRecord.load(open_store(store), run_id)

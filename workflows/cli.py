@@ -91,7 +91,7 @@ def resume(run_id: str, store: Optional[str] = STORE_OPT,
 
 
 def _record(run_id: str | None, store: str | None) -> RunRecord:
-    st = api.find_store_of_run(run_id or "", store)
+    st = api.open_store(store)
     if run_id:
         return RunRecord.load(st, run_id)
     records = RunRecord.list(st)
@@ -108,7 +108,7 @@ def status(run_id: Optional[str] = typer.Argument(None, help="run id (default: t
         record = _record(run_id, store)
     except FileNotFoundError as exc:
         _fail_input(str(exc))
-    handle = api.RunHandle(api.find_store_of_run(record.run_id, store), record)
+    handle = api.RunHandle(api.open_store(store), record)
     print_summary(handle)
     for name, s in record.nodes.items():
         if s.get("traceback"):
@@ -120,7 +120,7 @@ def status(run_id: Optional[str] = typer.Argument(None, help="run id (default: t
 @app.command("ls")
 def list_runs(store: Optional[str] = STORE_OPT) -> None:
     """Runs recorded in the store, oldest first."""
-    st = api.find_store_of_run("", store)
+    st = api.open_store(store)
     table = Table(title=f"runs in {st.uri}")
     for col in ("run", "workflow", "status", "ran", "cached", "failed"):
         table.add_column(col)
@@ -136,7 +136,7 @@ def explain_node(record: RunRecord, node: str, store: str | None = None) -> list
     if node not in record.nodes:
         raise KeyError(f"no node '{node}' in run {record.run_id}; nodes: {', '.join(record.nodes)}")
     current = record.node(node)
-    st = api.find_store_of_run(record.run_id, store)
+    st = api.open_store(store)
     earlier = [r for r in RunRecord.list(st) if r.run_id != record.run_id
                and r.data.get("workflow") == record.data.get("workflow")
                and r.data.get("created", 0) <= record.data.get("created", 0)
@@ -184,7 +184,7 @@ def show(run_id: str, node: str, store: Optional[str] = STORE_OPT,
          rows: int = typer.Option(5, help="rows of each table to print")) -> None:
     """A node's committed outputs: metrics, files and the first rows of each table."""
     record = _record(run_id, store)
-    handle = api.RunHandle(api.find_store_of_run(run_id, store), record)
+    handle = api.RunHandle(api.open_store(store), record)
     try:
         directory, manifest = handle._directory(node)
     except (KeyError, FileNotFoundError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydantic import BaseModel
@@ -38,8 +38,6 @@ class Job:
     verify: bool = True
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
-    # Test hook: seconds to sleep before computing (lets tests stop a run mid-node). Not in keys.
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -89,8 +87,6 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
             kwargs[resource_arg] = resource
         if job.shard is not None:
             kwargs["shard"] = job.shard
-        if job.extra.get("delay_s"):
-            time.sleep(float(job.extra["delay_s"]))
         loaded = time.time()
         result = job.fn(job.config, **kwargs)
         computed = time.time()

@@ -499,12 +499,3 @@ def _sha256_local(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def table_batches(dataset: pads.Dataset | pa.Table, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of at most `batch_size` rows in stored order, in bounded memory."""
-    if isinstance(dataset, pa.Table):
-        yield from dataset.to_batches(max_chunksize=batch_size)
-        return
-    for batch in dataset.to_batches(batch_size=batch_size):
-        yield from pa.Table.from_batches([batch]).to_batches(max_chunksize=batch_size)
