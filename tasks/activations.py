@@ -238,7 +238,10 @@ def report(cfg: ReportConfig, activations, data) -> dict:
         labels = dict(zip(data["id"] if "id" in data.column_names else range(data.num_rows), data[cfg.label_column]))
     metrics: dict[str, float] = {}
     rows = []
-    for site, dataset in by_site.items():
+    from interpflow.tasks.sites import depth_order
+
+    for site in sorted(by_site, key=depth_order):
+        dataset = by_site[site]
         ids, x = pooled(dataset, cfg.max_examples)
         entry = {"site": site, "rows": dataset.count_rows(), "examples": len(ids),
                  "mean_norm": float(np.linalg.norm(x, axis=1).mean()) if len(ids) else 0.0, "probe_accuracy": None}
@@ -254,9 +257,10 @@ def report(cfg: ReportConfig, activations, data) -> dict:
         metrics["best_probe_accuracy"] = max(accuracies)
         metrics["ground_truth_ok"] = float(max(accuracies) >= cfg.min_accuracy)
         fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows) + 2), 3))
-        ax.bar([r["site"] for r in rows], [r["probe_accuracy"] or 0 for r in rows])
+        bars = ax.bar([r["site"] for r in rows], [r["probe_accuracy"] or 0 for r in rows])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.axhline(cfg.min_accuracy, color="gray", linestyle="--", linewidth=1)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.1)
         ax.set_ylabel(f"probe accuracy ({cfg.label_column})")
         ax.tick_params(axis="x", rotation=45)
         ax.set_title("planted concept, decoded from mean-pooled activations")

@@ -38,6 +38,16 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|attn\.head\.(\d+))$")
 
 
+def depth_order(name: str) -> tuple:
+    """Sort key putting site names in model order: embed, blocks by index, final_norm, raw paths."""
+    if name == "embed":
+        return (-1, 0, name)
+    match = _BLOCK_SITE.match(name)
+    if match:
+        return (int(match.group(1)), 1, name)
+    return (10**6, 0, name) if name == "final_norm" else (10**6 + 1, 0, name)
+
+
 class UnknownSite(ValueError):
     pass
 
