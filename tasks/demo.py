@@ -98,3 +98,47 @@ def report(cfg: ReportConfig, stats: dict, counts: pa.Table, numbers: pa.Table) 
           and stats["unique_ids"] == numbers.num_rows == stats["rows"]
           and int(pc.sum(counts.column("count")).as_py()) == numbers.num_rows)
     return {"metrics": {"ground_truth_ok": float(ok), "sum_y": got, "expected_sum_y": expected}}
+
+
+class FitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    power: int = Field(2, ge=1, le=8, description="set by the workflow from transform.power")
+    steps: int = Field(200, ge=1)
+    lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(64, ge=1)
+    checkpoint_every: int = Field(20, ge=1)
+    work_s: float = Field(0.0, ge=0, description="simulated seconds of work per step (fault drills)")
+    seed: int = 0
+
+
+def fit_power(cfg: FitConfig, train, data: pads.Dataset) -> dict:
+    """Fit y = w * x**power by SGD (ground truth: w = 1), checkpointing through `train`.
+
+    Batches are drawn from a generator seeded by the step, so a run resumed from a checkpoint
+    follows the same path as one that was never interrupted.
+    """
+    import torch
+
+    table = data.to_table(columns=["x", "y"])
+    features = torch.tensor(table.column("x").to_numpy() ** cfg.power, dtype=torch.float64)
+    targets = torch.tensor(table.column("y").to_numpy(), dtype=torch.float64)
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([w], lr=cfg.lr)
+    state = train.restore()
+    start = int(state["step"]) if state else 0
+    if state:
+        with torch.no_grad():
+            w.copy_(state["w"])
+    loss = torch.tensor(float("nan"))
+    for step in range(start, cfg.steps):
+        idx = torch.from_numpy(np.random.default_rng(cfg.seed + step).integers(0, len(targets), cfg.batch_size))
+        loss = ((w * features[idx] - targets[idx]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if cfg.work_s:
+            time.sleep(cfg.work_s)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            train.report(step + 1, {"loss": float(loss)}, {"w": w.detach()})
+    return {"weights": {"w": w.detach()},
+            "metrics": {"w": float(w), "final_loss": float(loss), "start_step": start, "steps_run": cfg.steps - start}}

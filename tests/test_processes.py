@@ -82,3 +82,32 @@ def test_two_concurrent_drivers_compute_every_key_once(tmp_path):
     producers = {json.loads(p.read_text())["produced_by"]["run_id"] for p in _shard_manifests(store)}
     assert producers <= {r["run_id"] for r in records}
     assert not list((store / ".locks").iterdir())  # every lock released
+
+
+def test_training_node_killed_midway_resumes_from_its_checkpoint(tmp_path):
+    """Ray Train node: SIGKILL the driver after checkpoints exist; resume continues the step count."""
+    fit = {"steps": 120, "checkpoint_every": 10, "work_s": 0.08}
+    store = tmp_path / "a" / "store"
+    spec = spec_file(tmp_path / "a.yaml", store, numbers={"n": 400}, num_shards=2, fit=fit)
+    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(store.glob(".train/fit-*/checkpoint_*"))) < 3 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not list(store.glob("fit/*/_manifest.json")), "the kill should land before training finished"
+    (record,) = _records(store)
+    resumed = cli("resume", record["run_id"], "--store", str(store), "--no-progress", cwd=tmp_path, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (manifest,) = [json.loads(p.read_text()) for p in store.glob("fit/*/_manifest.json")]
+    metrics = manifest["metrics"]
+    assert metrics["start_step"] >= 10 and metrics["steps_run"] == 120 - metrics["start_step"]
+
+    clean_store = tmp_path / "b" / "store"
+    clean = cli("run", str(spec_file(tmp_path / "b.yaml", clean_store, numbers={"n": 400}, num_shards=2, fit=fit)),
+                "--no-progress", cwd=tmp_path, timeout=400)
+    assert clean.returncode == 0, clean.stderr
+    (clean_manifest,) = [json.loads(p.read_text()) for p in clean_store.glob("fit/*/_manifest.json")]
+    assert clean_manifest["metrics"]["start_step"] == 0
+    assert abs(metrics["w"] - clean_manifest["metrics"]["w"]) < 1e-12 and abs(metrics["w"] - 1) < 1e-6

@@ -1,11 +1,12 @@
-"""A small built-in workflow with fan-out, fan-in and one sharded node, to exercise the engine."""
+"""A small built-in workflow with fan-out, fan-in, one sharded node and (optionally) a Ray Train node,
+to exercise the engine."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks import demo
-from interpflow.workflows.engine import Graph, node, sharded
+from interpflow.workflows.engine import Graph, node, sharded, trained
 
 
 class DemoConfig(BaseModel):
@@ -15,6 +16,7 @@ class DemoConfig(BaseModel):
     num_shards: int = Field(8, ge=1, description="shards of the transform node")
     summary: demo.SummaryConfig = demo.SummaryConfig()
     histogram: demo.HistogramConfig = demo.HistogramConfig()
+    fit: demo.FitConfig | None = Field(None, description="add a Ray Train node fitting y = w x^power")
 
 
 def demo_graph(cfg: DemoConfig) -> Graph:
@@ -25,4 +27,8 @@ def demo_graph(cfg: DemoConfig) -> Graph:
     hist = node(demo.histogram, cfg.histogram, data=transformed)
     checked = node(demo.report, demo.ReportConfig(power=cfg.transform.power),
                    stats=stats, counts=hist["counts"], numbers=numbers)
-    return Graph(checked)
+    if cfg.fit is None:
+        return Graph(checked)
+    fitted = trained(demo.fit_power, cfg.fit.model_copy(update={"power": cfg.transform.power}), name="fit",
+                     data=transformed)
+    return Graph(checked, fitted)

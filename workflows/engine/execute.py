@@ -38,6 +38,7 @@ class Job:
     verify: bool = True
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
+    training: Any = None  # engine.training.Training for nodes trained on Ray Train
 
     @property
     def label(self) -> str:
@@ -70,6 +71,27 @@ def plan_ids(store_uri: str, ids_fn: Callable, config: BaseModel | None, inputs:
     return list(ids_fn(config, **load_inputs(store, inputs, verify)))
 
 
+def commit_result(job: Job, result: Any, timings: dict[str, float]) -> dict:
+    """Commit a task's return value as the node's (or shard's) outputs; return the manifest."""
+    store = Store(job.store_uri)
+    computed = time.time()
+    outputs = normalise_outputs(result)
+    metrics = outputs.get("metrics") if isinstance(outputs.get("metrics"), dict) else {}
+    meta = {
+        "node": job.node,
+        "key": job.key,
+        "shard": None if job.shard is None else {"index": job.shard.index, "count": job.shard.count,
+                                                "num_ids": len(job.shard.ids)},
+        "produced_by": {"run_id": job.run_id, "mlflow_run_id": job.mlflow_run_id,
+                        "host": socket.gethostname(), "pid": os.getpid()},
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "timings": timings,
+    }
+    manifest = store.commit(target_dir(store, job), outputs, meta)
+    manifest["timings"]["commit_s"] = time.time() - computed
+    return manifest
+
+
 def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None) -> dict:
     """Compute and commit one node or shard unless it is committed already; return a summary."""
     store = Store(job.store_uri)
@@ -88,22 +110,15 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
         if job.shard is not None:
             kwargs["shard"] = job.shard
         loaded = time.time()
-        result = job.fn(job.config, **kwargs)
-        computed = time.time()
-        outputs = normalise_outputs(result)
-        metrics = outputs.get("metrics") if isinstance(outputs.get("metrics"), dict) else {}
-        meta = {
-            "node": job.node,
-            "key": job.key,
-            "shard": None if job.shard is None else {"index": job.shard.index, "count": job.shard.count,
-                                                    "num_ids": len(job.shard.ids)},
-            "produced_by": {"run_id": job.run_id, "mlflow_run_id": job.mlflow_run_id,
-                            "host": socket.gethostname(), "pid": os.getpid()},
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            "timings": {"load_s": loaded - started, "compute_s": computed - loaded},
-        }
-        manifest = store.commit(directory, outputs, meta)
-        manifest["timings"]["commit_s"] = time.time() - computed
+        if job.training is not None:  # the trainer's rank 0 commits; a rerun resumes its checkpoint
+            from interpflow.workflows.engine.training import run_training
+
+            run_training(job, kwargs, job.training, store.path(".train"), {"load_s": loaded - started})
+            manifest = store.committed(directory)
+            manifest.setdefault("timings", {})["compute_s"] = time.time() - loaded
+        else:
+            result = job.fn(job.config, **kwargs)
+            manifest = commit_result(job, result, {"load_s": loaded - started, "compute_s": time.time() - loaded})
     if job.shard is None and job.mlflow_run_id:
         from interpflow.workflows.engine.lineage import log_node_outputs
 

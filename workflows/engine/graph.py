@@ -88,6 +88,7 @@ class Node:
     external: dict[str, Any] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     actors: ActorPool | None = None
+    training: Any = None  # engine.training.Training: run under Ray Train, resumable from checkpoints
 
     @property
     def is_sharded(self) -> bool:
@@ -141,6 +142,19 @@ def sharded(fn: Callable, config: BaseModel | None = None, *, ids: Callable, num
     return Node(fn, config, name or fn.__name__, version, _check_inputs(inputs), ids=ids,
                 num_shards=num_shards, external=dict(external or {}), resources=resources or Resources(),
                 actors=actors)
+
+
+def trained(fn: Callable, config: BaseModel | None = None, *, training: Any = None, name: str | None = None,
+            version: str = "1", external: dict[str, Any] | None = None, **inputs: Node | OutputRef) -> Node:
+    """A node run as `fn(config, train=context, **inputs)` on Ray Train (see engine/training.py).
+
+    If the node is interrupted, running it again resumes from its last checkpoint.
+    """
+    from interpflow.workflows.engine.training import Training
+
+    # The outer task only waits for the trainer, whose workers hold the CPUs.
+    return Node(fn, config, name or fn.__name__, version, _check_inputs(inputs), external=dict(external or {}),
+                resources=Resources(num_cpus=0.1), training=training or Training())
 
 
 class Graph:

@@ -44,6 +44,8 @@ def key_parts(n: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
     }
     if n.is_sharded:
         parts["sharding"] = {"ids": source_hash(n.ids), "num_shards": n.num_shards}
+    if n.training is not None:  # the worker count splits batches, so it changes the numbers
+        parts["training"] = {"num_workers": n.training.num_workers, "use_gpu": n.training.use_gpu}
     if n.actors is not None:  # how the resource is built matters; how many actors build it does not
         parts["resource"] = {"setup": source_hash(n.actors.setup), "config": config_dict(n.actors.config)}
     return parts
@@ -159,7 +161,7 @@ class Runner:
                    store_uri=self.store.uri, run_id=self.record.run_id, shard=shard,
                    verify=self.settings.verify,
                    mlflow_uri=self.lineage.uri if self.lineage else None,
-                   mlflow_run_id=state["mlflow_run_id"])
+                   mlflow_run_id=state["mlflow_run_id"], training=n.training)
 
     def _remotes(self):
         if self._remote is None:

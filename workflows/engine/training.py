@@ -1,0 +1,109 @@
+"""Training nodes on Ray Train: resumable from their last checkpoint, with Ray kept out of `tasks/`.
+
+A training task is a plain function `fn(config, train, **inputs)`. `train` is a small context:
+
+    state = train.restore()            # None, or the tensors (and "step") of the last checkpoint
+    model = train.prepare(model)       # DDP-wrapped when there are several workers
+    train.report(step, metrics, state) # metrics to Ray Train; a checkpoint when `state` is given
+
+The engine runs the function inside a `TorchTrainer` whose `RunConfig(name=...)` is derived from the
+node key and whose storage is in the store (`.train/`), so a killed node that runs again resumes from
+its last checkpoint. Rank 0 commits the function's return value like any other node output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.safetensors"
+META_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a training node runs. `num_workers` and `use_gpu` change the numbers, so they are in the key."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    keep_checkpoints: int = 2
+
+
+class RayTrainContext:
+    """What a training task sees of Ray Train (the task itself never imports Ray)."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+        from safetensors.torch import load_file
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            state: dict[str, Any] = dict(load_file(os.path.join(directory, STATE_FILE)))
+            with open(os.path.join(directory, META_FILE)) as f:
+                state.update(json.load(f))
+        return state
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size > 1:
+            from ray.train.torch import prepare_model
+
+            return prepare_model(model)
+        return model.to(self.device)
+
+    def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
+        """Every rank calls this; rank 0's `state` becomes the checkpoint (tensors + step)."""
+        import ray.train
+        from ray.train import Checkpoint
+        from safetensors.torch import save_file
+
+        metrics = {**metrics, "step": step}
+        if state is None or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, STATE_FILE))
+            with open(os.path.join(directory, META_FILE), "w") as f:
+                json.dump({"step": step}, f)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def _train_loop(config: dict) -> None:
+    from interpflow.workflows.engine.execute import commit_result
+
+    job, kwargs = config["job"], config["kwargs"]
+    context = RayTrainContext()
+    result = job.fn(job.config, train=context, **kwargs)
+    if context.rank == 0:
+        commit_result(job, result, config["timings"])
+
+
+def run_training(job, kwargs: dict, training: Training, storage_path: str, timings: dict) -> None:
+    """Run `job.fn` under a TorchTrainer that resumes a run of the same name from its checkpoint."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"job": job, "kwargs": kwargs, "timings": timings},
+        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
+                                     resources_per_worker={"CPU": training.cpus_per_worker}),
+        run_config=RunConfig(name=f"{job.node}-{job.key[:24]}", storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints)),
+    )
+    trainer.fit()
