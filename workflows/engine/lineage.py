@@ -32,8 +32,7 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - mlflow wraps sqlite errors in several types
-            transient = any(w in str(exc).lower() for w in ("locked", "already exists", "unique constraint"))
-            if not transient or attempt == attempts - 1:
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * 2**attempt)
 
