@@ -148,11 +148,13 @@ def vectors_of(batch: pa.RecordBatch | pa.Table, dtype: str | None = None) -> to
 
 
 def stream(activations: pads.Dataset, batch_size: int, shuffle_seed: int | None = None,
-           buffer_batches: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+           buffer_batches: int = 16, filter: pads.Expression | None = None,
+           ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
     """(ids, positions, vectors) batches of `batch_size` rows in bounded memory.
 
     Without a seed the order is the stored order. With one, shards are visited in a seeded order and
     rows are shuffled within a buffer of `buffer_batches` batches: the same seed, the same order.
+    `filter` (a pyarrow expression, e.g. on `id`) keeps only matching rows.
     """
     fragments = list(activations.get_fragments())
     dtype = (activations.schema.metadata or {}).get(b"dtype", b"float32").decode()
@@ -172,7 +174,7 @@ def stream(activations: pads.Dataset, batch_size: int, shuffle_seed: int | None 
 
     pending: list[pa.RecordBatch] = []
     for fragment in fragments:
-        for batch in fragment.to_batches(batch_size=batch_size):
+        for batch in fragment.to_batches(batch_size=batch_size, filter=filter):
             pending.append(batch)
             if sum(b.num_rows for b in pending) >= batch_size * buffer_batches:
                 leftover = yield from drain(pending, final=False)

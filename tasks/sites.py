@@ -16,8 +16,9 @@ Capturing stops the forward pass once the last requested site is reached.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -148,6 +149,21 @@ class SiteMap:
             return int(module_path[len(self.blocks_path) + 1:].split(".")[0])
         return self.n_blocks  # unknown position: run the whole model
 
+    def width(self, site: Site) -> int | None:
+        """The last dimension of the site's tensor, from the config (None when it cannot be told)."""
+        config = getattr(self.model, "config", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        if site.head is not None:
+            return hidden // self.n_heads if hidden and self.n_heads else None
+        if site.name in ("embed", "final_norm") or _BLOCK_SITE.match(site.name):
+            return hidden
+        module = self.modules.get(site.module)
+        for attr in ("out_features", "embedding_dim", "nf"):
+            if isinstance(getattr(module, attr, None), int):
+                return getattr(module, attr)
+        shape = getattr(module, "normalized_shape", None)
+        return int(shape[-1]) if shape else None
+
     def resolve_all(self, names: list[str]) -> list[Site]:
         if not names:
             raise UnknownSite("no sites requested; valid sites: " + ", ".join(self.names()[:8]) + ", ...")
@@ -223,3 +239,54 @@ def capture(model: nn.Module, sites: list[Site], n_heads: int | None = None, sto
         for h in handles:
             h.remove()
     return captured
+
+
+def _replace_first_tensor(value: Any, new: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, tuple):
+        index = next(i for i, v in enumerate(value) if isinstance(v, torch.Tensor))
+        return value[:index] + (new,) + value[index + 1:]
+    if isinstance(value, list):
+        index = next(i for i, v in enumerate(value) if isinstance(v, torch.Tensor))
+        return value[:index] + [new] + value[index + 1:]
+    if hasattr(value, "last_hidden_state"):
+        value.last_hidden_state = new
+        return value
+    raise TypeError(f"cannot replace a tensor in a module output of type {type(value).__name__}")
+
+
+@contextmanager
+def intervene(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], torch.Tensor],
+              n_heads: int | None = None) -> Iterator[None]:
+    """Within the block, every forward pass sees `fn(tensor)` in place of the site's tensor.
+
+    The tensor is what `capture` returns for the site ((batch, tokens, dim), or one head's slice
+    (batch, tokens, head_dim) for a head site, whose other heads are left alone). Splicing an SAE,
+    ablating, patching and steering are all an `fn`.
+    """
+    module = dict(model.named_modules())[site.module]
+
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        if site.head is None:
+            return fn(tensor).to(tensor.dtype)
+        heads = n_heads or 1
+        split = tensor.reshape(*tensor.shape[:-1], heads, tensor.shape[-1] // heads).clone()
+        split[..., site.head, :] = fn(split[..., site.head, :]).to(tensor.dtype)
+        return split.reshape(tensor.shape)
+
+    if site.side == "input":
+        def pre_hook(mod, args, kwargs):
+            if args:
+                return (apply(args[0]),) + tuple(args[1:]), kwargs
+            name = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, name: apply(kwargs[name])}
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(mod, args, output):
+            return _replace_first_tensor(output, apply(_first_tensor(output)))
+        handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -7,14 +7,20 @@ path and any `datasets` source instead. The report probes the planted concept as
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.actors.model import ModelActor, load
 from interpflow.tasks import activations, datasets_io, models, text_corpus, tiny_lm
 from interpflow.workflows.engine import ActorPool, Graph, node, sharded
+from interpflow.workflows.engine.graph import Node, OutputRef
 
 
-class ExtractStudy(BaseModel):
+class ActivationSource(BaseModel):
+    """Where activations come from: data, model, sites, and the actor pool that extracts them.
+    Studies that start from activations (SAEs, probes, ...) extend it."""
+
     model_config = ConfigDict(extra="forbid")
     corpus: text_corpus.CorpusConfig = text_corpus.CorpusConfig()
     lm: tiny_lm.TinyLMConfig = tiny_lm.TinyLMConfig()
@@ -22,14 +28,31 @@ class ExtractStudy(BaseModel):
     dataset: datasets_io.DatasetSource | None = Field(None, description="default: the generated corpus")
     load: models.ModelConfig = models.ModelConfig()
     extract: activations.ExtractConfig = activations.ExtractConfig()
-    report: activations.ReportConfig = activations.ReportConfig()
     num_shards: int = Field(8, ge=1)
     actors: int = Field(1, ge=1, description="model actors in the pool")
     actor_cpus: float = Field(1, gt=0, description="CPUs (and torch threads) per actor")
     actor_gpus: float = Field(0, ge=0, description="GPUs per actor")
 
+    def model_pool(self) -> ActorPool:
+        """A pool of model actors that each load the study's model once."""
+        return ActorPool(setup=load, config=self.load, size=self.actors, setup_inputs=("model",), actor=ModelActor,
+                         num_cpus=self.actor_cpus, num_gpus=self.actor_gpus)
 
-def extract_graph(cfg: ExtractStudy) -> Graph:
+
+class ExtractStudy(ActivationSource):
+    report: activations.ReportConfig = activations.ReportConfig()
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The nodes every activation study starts from."""
+
+    data: Node            # the dataset (generated corpus by default)
+    model: Node | OutputRef   # the model folder or hub id
+    activations: Node     # sharded activations of `extract.sites`
+
+
+def activation_nodes(cfg: ActivationSource) -> Sources:
     corpus = node(text_corpus.make_corpus, cfg.corpus, name="corpus")
     if cfg.dataset is None:
         data = corpus
@@ -41,22 +64,26 @@ def extract_graph(cfg: ExtractStudy) -> Graph:
     else:
         model = node(models.use_model, cfg.model, name="model",
                      external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
-    pool = ActorPool(setup=load, config=cfg.load, size=cfg.actors, setup_inputs=("model",), actor=ModelActor,
-                     num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
     acts = sharded(activations.extract_shard, cfg.extract, ids=activations.example_ids, num_shards=cfg.num_shards,
-                   name="activations", actors=pool, data=data, model=model)
-    return Graph(node(activations.report, cfg.report, name="report", activations=acts, data=data))
+                   name="activations", actors=cfg.model_pool(), data=data, model=model)
+    return Sources(data, model, acts)
 
 
-def validate(cfg: ExtractStudy) -> None:
-    """Input errors found before any compute: model source, site names, device and dtype, data columns."""
+def extract_graph(cfg: ExtractStudy) -> Graph:
+    src = activation_nodes(cfg)
+    return Graph(node(activations.report, cfg.report, name="report", activations=src.activations, data=src.data))
+
+
+def site_widths(cfg: ActivationSource) -> dict[str, int]:
+    """Input errors found before any compute (model source, site names, device and dtype, data
+    columns); returns the width of every requested site."""
     if cfg.model is not None:
         models.check_model_source(cfg.model.path)
         sites = models.model_sites(cfg.model.path, cfg.load)
     else:
         sites = tiny_lm.site_map(cfg.lm)
     try:
-        sites.resolve_all(cfg.extract.sites)
+        resolved = sites.resolve_all(cfg.extract.sites)
     except ValueError as exc:
         raise ValueError(f"extract.sites: {exc}") from None
     try:  # the driver may have no GPU while actors do: with actor_gpus, CUDA is checked in the actor
@@ -66,3 +93,8 @@ def validate(cfg: ExtractStudy) -> None:
         raise ValueError(f"load: {exc}") from None
     if cfg.dataset is not None:
         activations.check_dataset(cfg.extract, datasets_io.load_source(cfg.dataset))
+    return {site.name: sites.width(site) for site in resolved}
+
+
+def validate(cfg: ExtractStudy) -> None:
+    site_widths(cfg)

@@ -31,6 +31,7 @@ from interpflow.workflows.engine.settings import RunSettings
 WORKFLOWS: dict[str, str] = {
     "demo": "interpflow.workflows.demo:demo_graph",
     "extract": "interpflow.workflows.extract:extract_graph",
+    "sae": "interpflow.workflows.sae:sae_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"

@@ -117,10 +117,103 @@ def train_sae(cfg: SAETrainConfig, x: torch.Tensor | Iterable[torch.Tensor], *,
         torch.set_num_threads(before)
 
 
+class SAETrainer:
+    """An SAE with its optimiser and step counter: what one training step changes and what a
+    checkpoint holds. ``train_sae`` drives it over a tensor or a stream; the Ray Train node drives
+    the same object, so both run the same numerics.
+
+        trainer = SAETrainer(cfg)
+        trainer.initialise(init_rows)        # input scale + data-dependent init (fresh runs only)
+        record = trainer.step(batch)         # one optimiser step; raises DivergedError
+        tensors = trainer.state()            # model + optimiser + step, safetensors-ready
+        trainer.load_state(tensors)          # resume exactly where state() was taken
+    """
+
+    def __init__(self, cfg: SAETrainConfig, model: SparseAutoencoder | None = None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = (model or make_sae(cfg.sae)).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.model.param_groups(cfg.lr), lr=cfg.lr)
+        self.steps_done = 0
+        self.last_loss: float | None = None
+
+    @torch.no_grad()
+    def initialise(self, init_x: torch.Tensor) -> None:
+        """Set the input scale from raw rows and run the variant's data-dependent initialisation."""
+        cfg, model = self.cfg, self.model
+        init_x = init_x.to(self.device, torch.float32)
+        if cfg.normalize == "scale":
+            mean_sq = float(init_x.pow(2).sum(1).mean())
+            if not mean_sq > 0:
+                raise ValueError("train_sae: the initialisation rows are all zero; cannot normalise inputs")
+            model.input_scale.fill_(math.sqrt(cfg.sae.d_in / mean_sq))
+        model.init_from_data_(init_x)
+        model.constrain_()
+
+    def step(self, xb: torch.Tensor, sync_gradients: Callable[[list], None] | None = None) -> dict:
+        """One optimiser step on raw rows ``xb``; returns the step's record (loss parts, lr, grad norm).
+
+        ``sync_gradients(params)`` runs between backward and clipping (data-parallel averaging).
+        Raises ``DivergedError`` before the update if the loss or gradient norm is not finite.
+        """
+        cfg, model, step = self.cfg, self.model, self.steps_done
+        model.train()
+        xb = xb.to(self.device, torch.float32, non_blocking=True)
+        lr = lr_at(cfg, step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        total, parts = model.loss(xb)
+        loss_value = float(total.detach())
+        if not math.isfinite(loss_value):
+            raise DivergedError(step, f"loss is {loss_value}", self.last_loss)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if sync_gradients is not None:
+            sync_gradients(self.params)
+        if cfg.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params
+                                                                     if p.grad is not None])))
+        if not math.isfinite(grad_norm):
+            raise DivergedError(step, f"gradient norm is {grad_norm}", self.last_loss)
+        self.opt.step()
+        model.constrain_()
+        self.last_loss = loss_value
+        self.steps_done += 1
+        return {"step": step, "lr": lr, "loss": loss_value, **{name: float(v) for name, v in parts.items()},
+                "grad_norm": grad_norm}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Model parameters and buffers (``model.*``), Adam moments (``optim.<param>.<name>``) and the
+        step counter, as a flat dict of tensors (safetensors holds it; nothing is pickled)."""
+        out = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        for index, values in self.opt.state_dict()["state"].items():
+            for name, value in values.items():
+                out[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().clone()
+        out["steps_done"] = torch.tensor(self.steps_done)
+        if self.last_loss is not None:
+            out["last_loss"] = torch.tensor(self.last_loss, dtype=torch.float64)
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state()`` returned (from this config's model)."""
+        self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        self.model.to(self.device)
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                per_param.setdefault(int(index), {})[name] = value.to(self.device) if value.ndim else value
+        self.opt.load_state_dict({"state": per_param, "param_groups": self.opt.state_dict()["param_groups"]})
+        self.steps_done = int(state["steps_done"])
+        self.last_loss = float(state["last_loss"]) if "last_loss" in state else None
+
+
 def _train(cfg: SAETrainConfig, x, model: SparseAutoencoder | None, on_log,
            fresh: bool) -> tuple[SparseAutoencoder, list[dict]]:
     scfg = cfg.sae
-    device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = not isinstance(x, (torch.Tensor, np.ndarray))
 
@@ -143,24 +236,12 @@ def _train(cfg: SAETrainConfig, x, model: SparseAutoencoder | None, on_log,
         check_input(x, scfg.d_in)
         init_x = x[torch.randperm(x.shape[0], generator=gen)[:cfg.init_rows]]
         batches = _tensor_batches(x, cfg.batch_size, gen)
-    init_x = init_x.to(device, torch.float32)
 
-    if model is None:
-        model = make_sae(scfg)
-    model.to(device)
+    trainer = SAETrainer(cfg, model)
+    model = trainer.model
     if fresh:
-        if cfg.normalize == "scale":
-            mean_sq = float(init_x.pow(2).sum(1).mean())
-            if not mean_sq > 0:
-                raise ValueError("train_sae: the initialisation rows are all zero; cannot normalise inputs")
-            model.input_scale.fill_(math.sqrt(scfg.d_in / mean_sq))
-        model.init_from_data_(init_x)
-        model.constrain_()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr)
+        trainer.initialise(init_x)
     history: list[dict] = []
-    last_loss: float | None = None
     rows_seen = 0
     t0 = time.perf_counter()
     record: dict | None = None
@@ -171,35 +252,13 @@ def _train(cfg: SAETrainConfig, x, model: SparseAutoencoder | None, on_log,
         if on_log is not None:
             on_log(rec["step"], model, rec)
 
-    model.train()
     for step, xb in enumerate(batches):
         if step >= cfg.steps:
             break
         if stream and step >= len(buffered):
             check_input(xb, scfg.d_in, row_offset=rows_seen, where=f"batch {step}")
         rows_seen += xb.shape[0]
-        xb = xb.to(device, torch.float32, non_blocking=True)
-        lr = lr_at(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        total, parts = model.loss(xb)
-        loss_value = float(total.detach())
-        if not math.isfinite(loss_value):
-            raise DivergedError(step, f"loss is {loss_value}", last_loss)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
-                                                                     if p.grad is not None])))
-        if not math.isfinite(grad_norm):
-            raise DivergedError(step, f"gradient norm is {grad_norm}", last_loss)
-        opt.step()
-        model.constrain_()
-        last_loss = loss_value
-        record = {"step": step, "lr": lr, "loss": loss_value, **{name: float(v) for name, v in parts.items()},
-                  "grad_norm": grad_norm}
+        record = trainer.step(xb)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             _log(record)
     if record is not None and (not history or history[-1]["step"] != record["step"]):

@@ -189,3 +189,16 @@ def log_node_outputs(tracking_uri: str | None, run_id: str, store, directory: st
     for name, out in manifest.get("outputs", {}).items():
         if out["kind"] == "figure":
             _retry(client.log_artifact, run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")
+
+
+def log_step_metrics(tracking_uri: str | None, run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Worker side: a training node's metrics at one step (MLflow draws them as curves)."""
+    if not tracking_uri:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k[:250], float(v), now, int(step)) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
+    if batch:
+        _retry(_client(tracking_uri).log_batch, run_id, metrics=batch)

@@ -4,7 +4,8 @@ A training task is a plain function `fn(config, train, **inputs)`. `train` is a 
 
     state = train.restore()            # None, or the tensors (and "step") of the last checkpoint
     model = train.prepare(model)       # DDP-wrapped when there are several workers
-    train.report(step, metrics, state) # metrics to Ray Train; a checkpoint when `state` is given
+    train.sync_gradients(params)       # or: average gradients across workers by hand
+    train.report(step, metrics, state) # metrics to Ray Train and MLflow; a checkpoint when `state` is given
 
 The engine runs the function inside a `TorchTrainer` whose `RunConfig(name=...)` is derived from the
 node key and whose storage is in the store (`.train/`), so a killed node that runs again resumes from
@@ -35,16 +36,49 @@ class Training:
     keep_checkpoints: int = 2
 
 
-class RayTrainContext:
-    """What a training task sees of Ray Train (the task itself never imports Ray)."""
+class LocalTrainContext:
+    """The same interface in-process, without Ray: one worker, checkpoints kept in memory.
 
-    def __init__(self):
+    For notebooks and unit tests of training tasks; `restore()` returns `resume_from` if given.
+    """
+
+    rank, world_size = 0, 1
+
+    def __init__(self, resume_from: dict[str, Any] | None = None, device: str = "cpu"):
+        self.device = device
+        self.resume_from = resume_from
+        self.checkpoints: list[dict[str, Any]] = []
+        self.reports: list[dict[str, float]] = []
+
+    def restore(self) -> dict[str, Any] | None:
+        return self.resume_from
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def sync_gradients(self, params) -> None:
+        """One worker: nothing to average."""
+
+    def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
+        self.reports.append({**metrics, "step": step})
+        if state is not None:
+            self.checkpoints.append({**{k: v.detach().clone() for k, v in state.items()}, "step": step})
+
+
+class RayTrainContext:
+    """What a training task sees of Ray Train (the task itself never imports Ray).
+
+    `report` also logs the metrics, with their step, to the node's MLflow run (rank 0).
+    """
+
+    def __init__(self, mlflow_uri: str | None = None, mlflow_run_id: str | None = None):
         import ray.train
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._mlflow = (mlflow_uri, mlflow_run_id) if mlflow_run_id and self.rank == 0 else None
 
     def restore(self) -> dict[str, Any] | None:
         import ray.train
@@ -66,13 +100,33 @@ class RayTrainContext:
             return prepare_model(model)
         return model.to(self.device)
 
+    def sync_gradients(self, params) -> None:
+        """Average the gradients of `params` across workers (what DDP does, for models whose
+        training step is not a plain forward call)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
+    def _log_mlflow(self, step: int, metrics: dict[str, float]) -> None:
+        from interpflow.workflows.engine.lineage import log_step_metrics
+
+        log_step_metrics(*self._mlflow, step, metrics)
+
     def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
         """Every rank calls this; rank 0's `state` becomes the checkpoint (tensors + step)."""
         import ray.train
         from ray.train import Checkpoint
         from safetensors.torch import save_file
 
-        metrics = {**metrics, "step": step}
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._mlflow is not None:
+            self._log_mlflow(step, metrics)
+        metrics["step"] = step
         if state is None or self.rank != 0:
             ray.train.report(metrics)
             return
@@ -87,7 +141,7 @@ def _train_loop(config: dict) -> None:
     from interpflow.workflows.engine.execute import commit_result
 
     job, kwargs = config["job"], config["kwargs"]
-    context = RayTrainContext()
+    context = RayTrainContext(job.mlflow_uri, job.mlflow_run_id)
     result = job.fn(job.config, train=context, **kwargs)
     if context.rank == 0:
         commit_result(job, result, config["timings"])
@@ -95,7 +149,7 @@ def _train_loop(config: dict) -> None:
 
 def run_training(job, kwargs: dict, training: Training, storage_path: str, timings: dict) -> None:
     """Run `job.fn` under a TorchTrainer that resumes a run of the same name from its checkpoint."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -104,6 +158,8 @@ def run_training(job, kwargs: dict, training: Training, storage_path: str, timin
         scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
                                      resources_per_worker={"CPU": training.cpus_per_worker}),
         run_config=RunConfig(name=f"{job.node}-{job.key[:24]}", storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
+                             # metrics go to MLflow; Ray Train's per-report INFO lines would flood the console
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()
