@@ -12,7 +12,7 @@ Universal SAE (one shared code across several models' paired activations): ``uni
 from .archetypal import ArchetypalSAE, RelaxedArchetypalSAE, fit_candidates
 from .base import VARIANTS, SAEConfig, SparseAutoencoder, Variant, check_input, make_sae, register
 from .metrics import matched_cosine, pairwise_stability, recovery_report
-from .synthetic import SyntheticConfig, make_synthetic
+from .synthetic import SyntheticConfig, as_activations, make_synthetic, synthetic_activations
 from .train import DivergedError, SAETrainConfig, SAETrainer, lr_at, train_sae
 from .universal import (
     UniversalSAE, UniversalSAEConfig, UniversalTrainConfig, check_paired, co_firing, cross_r2, train_universal,
@@ -22,7 +22,7 @@ from .variants import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
 __all__ = [
     "ArchetypalSAE", "BatchTopKSAE", "DivergedError", "JumpReLUSAE", "RelaxedArchetypalSAE", "ReLUSAE",
     "SAEConfig", "SAETrainConfig", "SAETrainer", "SparseAutoencoder", "SyntheticConfig", "TopKSAE",
-    "UniversalSAE", "UniversalSAEConfig", "UniversalTrainConfig", "VARIANTS", "Variant", "check_input",
+    "UniversalSAE", "UniversalSAEConfig", "UniversalTrainConfig", "VARIANTS", "Variant", "as_activations", "check_input",
     "check_paired", "co_firing", "cross_r2", "fit_candidates", "lr_at", "make_sae", "make_synthetic",
-    "matched_cosine", "pairwise_stability", "recovery_report", "register", "train_sae", "train_universal",
+    "matched_cosine", "pairwise_stability", "recovery_report", "register", "synthetic_activations", "train_sae", "train_universal",
 ]

@@ -72,8 +72,9 @@ def locate_row(activations: pads.Dataset, example_id: Any, position: int) -> str
     expr = (pc.field("id") == example_id) & (pc.field("position") == int(position))
     for fragment in activations.get_fragments():
         if fragment.to_table(columns=["id"], filter=expr).num_rows:
-            parts = [p for p in fragment.path.split("/") if p.startswith("shard-")]
-            return f"{parts[-1] if parts else fragment.path} ({fragment.path})"
+            path = getattr(fragment, "path", "an in-memory table")
+            parts = [p for p in path.split("/") if p.startswith("shard-")]
+            return f"{parts[-1]} ({path})" if parts else path
     return "an unknown shard"
 
 
@@ -115,7 +116,10 @@ def _checked(batch: tuple, d_in: int, activations: pads.Dataset, when: str) -> t
 
 
 def fit(cfg: SAEFitConfig, train, activations: pads.Dataset) -> dict:
-    """Train one SAE on the stored activations of one site (resumable; see the module docstring)."""
+    """Train one SAE on the stored activations of one site (resumable; see the module docstring).
+    `activations` is a pyarrow dataset (a sharded node's output) or a table."""
+    if isinstance(activations, pa.Table):
+        activations = pads.dataset(activations)
     tcfg = cfg.train.model_copy(update={"device": train.device})
     world, rank = train.world_size, train.rank
     row_filter = training_filter(activations, cfg.holdout)

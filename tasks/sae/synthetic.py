@@ -8,6 +8,8 @@ and noise is i.i.d. Gaussian with standard deviation ``noise_std`` per coordinat
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,3 +45,19 @@ def make_synthetic(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor, to
     codes = torch.zeros(cfg.n, cfg.n_atoms).scatter(1, active, mags)
     x = codes @ dictionary + cfg.noise_std * torch.randn(cfg.n, cfg.d, generator=gen)
     return x, dictionary, codes
+
+
+def as_activations(x: torch.Tensor, tokens_per_example: int = 16) -> pa.Table:
+    """Rows laid out as the extraction node stores them: (id, position, vector), consecutive rows
+    grouped into examples of ``tokens_per_example`` tokens."""
+    n, d = x.shape
+    ids = np.arange(n, dtype=np.int64) // tokens_per_example
+    positions = (np.arange(n) % tokens_per_example).astype(np.int32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.float().numpy().reshape(-1)), d)
+    return pa.table({"id": ids, "position": positions, "vector": vectors})
+
+
+def synthetic_activations(cfg: SyntheticConfig) -> dict:
+    """A graph node: synthetic rows as an activations table, with the true dictionary (for recovery)."""
+    x, dictionary, _ = make_synthetic(cfg)
+    return {"activations": as_activations(x), "dictionary": dictionary}

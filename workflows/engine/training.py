@@ -15,6 +15,7 @@ its last checkpoint. Rank 0 commits the function's return value like any other n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -141,6 +142,11 @@ def _train_loop(config: dict) -> None:
     from interpflow.workflows.engine.execute import commit_result
 
     job, kwargs = config["job"], config["kwargs"]
+    # One intra-op thread per CPU the worker holds: more oversubscribes the node's cores (OpenMP
+    # spin-waits make small models 10-40x slower when workers contend for cores).
+    torch.set_num_threads(max(1, int(job.training.cpus_per_worker)))
+    # Ray Train logs every report at INFO under a logger outside `ray.train` (only the root level reaches it).
+    logging.getLogger().setLevel(logging.WARNING)
     context = RayTrainContext(job.mlflow_uri, job.mlflow_run_id)
     result = job.fn(job.config, train=context, **kwargs)
     if context.rank == 0:
