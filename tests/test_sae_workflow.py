@@ -55,7 +55,7 @@ def test_sweep_trains_evaluates_and_checks_ground_truth(settings):
 
 def _small_spec(path, store, steps: int, **fit):
     spec = {**SMALL, "run": {"store": str(store), "tracking_uri": f"sqlite:///{store.parent / 'mlflow.db'}"},
-            "sweep": {"variants": ["topk"], "k": [8]},
+            "corpus": {"n_examples": 600}, "lm": {"steps": 100, "n_layer": 2}, "sweep": {"variants": ["topk"], "k": [8]},
             "fit": {"train": {"sae": {"n_latents": 64}, "steps": steps, "init_rows": 2048, "log_every": 20}, **fit}}
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -65,7 +65,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     """SIGKILL the driver once the SAE node has checkpoints; `resume` continues the step count and ends
     where an uninterrupted run of the same node ends."""
     store = tmp_path / "store"
-    spec = _small_spec(tmp_path / "sae.yaml", store, steps=3000, checkpoint_every=100)
+    spec = _small_spec(tmp_path / "sae.yaml", store, steps=2000, checkpoint_every=200)
     driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -81,8 +81,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (manifest,) = [json.loads(p.read_text()) for p in store.glob("sae.topk-k8/*/_manifest.json")]
     metrics = manifest["metrics"]
-    assert metrics["start_step"] >= 100 and metrics["start_step"] % 100 == 0
-    assert metrics["steps_run"] == 3000 - metrics["start_step"]
+    assert metrics["start_step"] >= 200 and metrics["start_step"] % 200 == 0
+    assert metrics["steps_run"] == 2000 - metrics["start_step"]
 
     # the uninterrupted run of the same task on the same stored activations, in this process
     import pyarrow.dataset as pads

@@ -41,7 +41,8 @@ class SAEFitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     train: SAETrainConfig = Field(default_factory=lambda: SAETrainConfig(
         sae=SAEConfig(d_in=64, n_latents=256, k=8), steps=1500, batch_size=256, init_rows=4096))
-    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints (and the last step)")
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints (and the last step); "
+                                  "keep them >= ~2 s apart: Ray Train takes one report per 2 s poll")
     holdout: float = Field(0.1, ge=0, lt=1, description="fraction of example ids held out for evaluation")
     shuffle_buffer: int = Field(16, ge=1, description="batches in the shuffle buffer (bounds memory)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel when > 1)")

@@ -5,7 +5,7 @@ A training task is a plain function `fn(config, train, **inputs)`. `train` is a 
     state = train.restore()            # None, or the tensors (and "step") of the last checkpoint
     model = train.prepare(model)       # DDP-wrapped when there are several workers
     train.sync_gradients(params)       # or: average gradients across workers by hand
-    train.report(step, metrics, state) # metrics to Ray Train and MLflow; a checkpoint when `state` is given
+    train.report(step, metrics, state) # metrics to MLflow; with `state`, a checkpoint (all ranks call it)
 
 The engine runs the function inside a `TorchTrainer` whose `RunConfig(name=...)` is derived from the
 node key and whose storage is in the store (`.train/`), so a killed node that runs again resumes from
@@ -119,7 +119,12 @@ class RayTrainContext:
         log_step_metrics(*self._mlflow, step, metrics)
 
     def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
-        """Every rank calls this; rank 0's `state` becomes the checkpoint (tensors + step)."""
+        """Metrics go to the node's MLflow run (rank 0). With `state`, every rank must call this at the
+        same step: rank 0's state becomes a Ray Train checkpoint (tensors + step).
+
+        Metrics alone are not sent to Ray Train: its report blocks until the controller has taken the
+        previous one (it polls every 2 s), which would throttle a fast loop that logs often.
+        """
         import ray.train
         from ray.train import Checkpoint
         from safetensors.torch import save_file
@@ -127,8 +132,10 @@ class RayTrainContext:
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._mlflow is not None:
             self._log_mlflow(step, metrics)
+        if state is None:
+            return
         metrics["step"] = step
-        if state is None or self.rank != 0:
+        if self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
