@@ -32,6 +32,7 @@ WORKFLOWS: dict[str, str] = {
     "demo": "interpflow.workflows.demo:demo_graph",
     "extract": "interpflow.workflows.extract:extract_graph",
     "sae": "interpflow.workflows.sae:sae_graph",
+    "sae_bench": "interpflow.workflows.sae_bench:sae_bench_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
@@ -126,6 +127,22 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return data
 
 
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in over.items()}}
+    return over
+
+
+def over_defaults(config_type: type[BaseModel], fields: dict) -> dict:
+    """The spec's fields laid over the workflow's defaults, so that a section given in part keeps the
+    defaults of what it leaves out (`fit: {train: {steps: 100}}` keeps the default `fit.train.sae`)."""
+    try:
+        defaults = config_type().model_dump(mode="python")
+    except ValidationError:
+        return fields
+    return _merge(defaults, fields)
+
+
 def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at the parent of `loc` (for 'unknown field' messages)."""
     current: Any = model
@@ -180,7 +197,7 @@ def load_spec(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = 
         settings = RunSettings(**run_section)
     except ValidationError as exc:
         raise SpecError(explain_validation(exc, RunSettings, "run.")) from None
-    fields = {k: v for k, v in data.items() if k not in ("workflow", "run")}
+    fields = over_defaults(config_type, {k: v for k, v in data.items() if k not in ("workflow", "run")})
     try:
         config = config_type(**fields)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import time
 from contextlib import contextmanager
@@ -35,6 +36,12 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
             if "locked" not in str(exc).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * 2**attempt)
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts (alphanumerics and _-. :/, at most 250 characters): a node's
+    figure is never lost to its name."""
+    return re.sub(r"[^\w\-. :/]", "_", name)[:250]
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -165,7 +172,7 @@ class Lineage:
                tags: dict[str, str] | None = None) -> None:
         now = int(time.time() * 1000)
         p = [self._Param(k[:250], v) for k, v in (params or {}).items()]
-        m = [self._Metric(k[:250], float(v), now, 0) for k, v in (metrics or {}).items()
+        m = [self._Metric(metric_key(k), float(v), now, 0) for k, v in (metrics or {}).items()
              if isinstance(v, (int, float)) and v == v]
         t = [self._RunTag(k, v) for k, v in (tags or {}).items()]
         for i in range(0, max(len(p), len(m), len(t), 1), 100):  # MLflow caps a batch at 100 params
@@ -181,7 +188,7 @@ def log_node_outputs(tracking_uri: str | None, run_id: str, store, directory: st
 
     client = _client(tracking_uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(k[:250], float(v), now, 0) for k, v in manifest.get("metrics", {}).items() if v == v]
+    metrics = [Metric(metric_key(k), float(v), now, 0) for k, v in manifest.get("metrics", {}).items() if v == v]
     tags = [RunTag(f"{TAG}output_uri", store.uri_of(directory)),
             RunTag(f"{TAG}rows", str(manifest.get("rows", 0))),
             RunTag(f"{TAG}bytes", str(manifest.get("bytes", 0)))]
@@ -198,7 +205,7 @@ def log_step_metrics(tracking_uri: str | None, run_id: str, step: int, metrics: 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k[:250], float(v), now, int(step)) for k, v in metrics.items()
+    batch = [Metric(metric_key(k), float(v), now, int(step)) for k, v in metrics.items()
              if isinstance(v, (int, float)) and v == v]
     if batch:
         _retry(_client(tracking_uri).log_batch, run_id, metrics=batch)
