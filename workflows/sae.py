@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks import activations
 from interpflow.tasks.sae import SAEConfig, Variant
+from interpflow.tasks.sae.base import TOPK_FAMILY
 from interpflow.tasks.sae import evaluate as sae_eval
 from interpflow.tasks.sae.fit import SAEFitConfig, fit
 from interpflow.workflows.engine import Graph, node, sharded, trained
@@ -44,15 +45,17 @@ class SaeStudy(ActivationSource):
         return self
 
     def sae_configs(self) -> dict[str, SAEConfig]:
-        """label -> the SAE config of every sweep member (validated: k < n_latents, ...)."""
+        """label -> the SAE config of every sweep member (validated: k < n_latents, ...). Variants
+        without a k (relu, jumprelu: their sparsity comes from a penalty) are trained once."""
         base = self.fit.train.sae.model_dump()
         out = {}
         for variant in self.sweep.variants:
-            for k in self.sweep.k:
+            for k in self.sweep.k if variant in TOPK_FAMILY else [base["k"]]:
                 try:
-                    out[f"{variant}-k{k}"] = SAEConfig(**{**base, "variant": variant, "k": k})
+                    config = SAEConfig(**{**base, "variant": variant, "k": k})
                 except ValueError as exc:
                     raise ValueError(f"sweep (variant={variant}, k={k}): {exc}") from None
+                out[f"{variant}-k{k}" if variant in TOPK_FAMILY else variant] = config
         return out
 
 
