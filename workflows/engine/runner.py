@@ -215,9 +215,11 @@ class Runner:
             self._close_lineage(n.name, manifest.get("metrics"), {"output_uri": state["output_uri"]})
             self._advance()
             return
+        remotes = self._remotes()
+        if n.training is not None and not self._training_slot(n):
+            return  # stays pending until a running training node finishes
         state.update(started=time.time(), status="running")
         self._open_lineage(n, False)
-        remotes = self._remotes()
         if n.is_sharded:
             ref = remotes["plan"].remote(self.store.uri, n.ids, n.config, self._input_refs(n.inputs),
                                          self.settings.verify)
@@ -225,6 +227,18 @@ class Runner:
         else:
             ref = remotes["execute"].options(**self._task_options(n)).remote(self._job(n))
             self.inflight[ref] = ("node", n.name, None)
+
+    def _training_slot(self, n: Node) -> bool:
+        """Start a training node only while the running ones leave CPUs for its workers: each waiting
+        TorchTrainer holds a controller and placement group, and a pile of them thrashes a small node."""
+        import ray
+
+        def need(node: Node) -> float:
+            return node.training.num_workers * node.training.cpus_per_worker
+
+        running = [m for m in self.graph if m.training is not None and self._state(m.name)["status"] == "running"]
+        busy = sum(need(m) for m in running)
+        return not running or busy + need(n) <= ray.cluster_resources().get("CPU", 1)
 
     def _submit_shards(self, n: Node, ids: list) -> None:
         state = self._state(n.name)
