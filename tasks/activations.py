@@ -9,7 +9,7 @@ same inputs give the same bytes however many actors ran them.
 from __future__ import annotations
 
 import time
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -148,13 +148,13 @@ def vectors_of(batch: pa.RecordBatch | pa.Table, dtype: str | None = None) -> to
 
 
 def stream(activations: pads.Dataset, batch_size: int, shuffle_seed: int | None = None,
-           buffer_batches: int = 16, filter: pads.Expression | None = None,
+           buffer_batches: int = 16, keep: Callable[[np.ndarray], np.ndarray] | None = None,
            ) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
     """(ids, positions, vectors) batches of `batch_size` rows in bounded memory.
 
     Without a seed the order is the stored order. With one, shards are visited in a seeded order and
     rows are shuffled within a buffer of `buffer_batches` batches: the same seed, the same order.
-    `filter` (a pyarrow expression, e.g. on `id`) keeps only matching rows.
+    `keep(ids) -> bool mask` drops rows before they are buffered (e.g. held-out examples).
     """
     fragments = list(activations.get_fragments())
     dtype = (activations.schema.metadata or {}).get(b"dtype", b"float32").decode()
@@ -174,7 +174,9 @@ def stream(activations: pads.Dataset, batch_size: int, shuffle_seed: int | None 
 
     pending: list[pa.RecordBatch] = []
     for fragment in fragments:
-        for batch in fragment.to_batches(batch_size=batch_size, filter=filter):
+        for batch in fragment.to_batches(batch_size=batch_size):
+            if keep is not None:
+                batch = batch.filter(pa.array(keep(batch.column("id").to_numpy(zero_copy_only=False))))
             pending.append(batch)
             if sum(b.num_rows for b in pending) >= batch_size * buffer_batches:
                 leftover = yield from drain(pending, final=False)

@@ -59,13 +59,10 @@ def heldout_ids(ids, fraction: float) -> list:
     return [i for i in ids if is_heldout(i, fraction)] if fraction > 0 else []
 
 
-def training_filter(activations: pads.Dataset, fraction: float) -> pads.Expression | None:
-    """An expression keeping the rows of non-held-out examples (None when nothing is held out)."""
-    if fraction <= 0:
-        return None
-    ids = pc.unique(activations.to_table(columns=["id"]).column("id")).to_pylist()
-    held = heldout_ids(ids, fraction)
-    return ~pc.field("id").isin(pa.array(held, activations.schema.field("id").type)) if held else None
+def heldout_mask(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """`is_heldout` for an array of ids (hashing each distinct id once: rows of one example repeat it)."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return np.array([is_heldout(i, fraction) for i in unique.tolist()], dtype=bool)[inverse]
 
 
 def locate_row(activations: pads.Dataset, example_id: Any, position: int) -> str:
@@ -79,16 +76,17 @@ def locate_row(activations: pads.Dataset, example_id: Any, position: int) -> str
     return "an unknown shard"
 
 
-def global_batches(cfg: SAEFitConfig, activations: pads.Dataset, row_filter) -> Iterator[tuple]:
+def global_batches(cfg: SAEFitConfig, activations: pads.Dataset) -> Iterator[tuple]:
     """Every epoch's (ids, positions, vectors) batches in order; epoch e shuffles with seed + e."""
     from interpflow.tasks.activations import stream
 
     tcfg = cfg.train
+    keep = (lambda ids: ~heldout_mask(ids, cfg.holdout)) if cfg.holdout > 0 else None
     epoch = 0
     while True:
         produced = False
         for ids, positions, vectors in stream(activations, tcfg.batch_size, shuffle_seed=tcfg.seed + epoch,
-                                              buffer_batches=cfg.shuffle_buffer, filter=row_filter):
+                                              buffer_batches=cfg.shuffle_buffer, keep=keep):
             if len(ids) < tcfg.batch_size:           # a short last batch would change the step's scale
                 continue
             produced = True
@@ -123,11 +121,10 @@ def fit(cfg: SAEFitConfig, train, activations: pads.Dataset) -> dict:
         activations = pads.dataset(activations)
     tcfg = cfg.train.model_copy(update={"device": train.device})
     world, rank = train.world_size, train.rank
-    row_filter = training_filter(activations, cfg.holdout)
     trainer = SAETrainer(tcfg)
 
     init_rows, n = [], 0                                    # identical on every rank
-    for step, batch in enumerate(global_batches(cfg, activations, row_filter)):
+    for step, batch in enumerate(global_batches(cfg, activations)):
         init_rows.append(_checked(batch, tcfg.sae.d_in, activations, "initialisation rows"))
         n += len(batch[0])
         if n >= tcfg.init_rows:
@@ -140,7 +137,7 @@ def fit(cfg: SAEFitConfig, train, activations: pads.Dataset) -> dict:
     start = trainer.steps_done
     checkpoint_step = start if state is not None else None
 
-    batches = global_batches(cfg, activations, row_filter)
+    batches = global_batches(cfg, activations)
     for _ in range(start * world + rank):                   # replay: skip what was trained on
         next(batches)
     history, record, t0, rows = [], None, time.perf_counter(), 0
