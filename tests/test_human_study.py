@@ -200,3 +200,29 @@ def test_unset_key_variable_is_an_error_before_compute(monkeypatch):
     spec = study(persuader={"backend": "endpoint", "url": "http://127.0.0.1:9/v1", "api_key_env": "NOT_SET_KEY"})
     with pytest.raises(SpecError, match="NOT_SET_KEY is not set"):
         load_spec(spec, check_store=False)
+
+
+def test_serve_command_answers_chat_completions_until_stopped(tmp_path):
+    """`interpflow serve MODEL`: a real OpenAI-compatible server in its own process, stopped by SIGTERM."""
+    from interpflow.tasks import text_corpus, tiny_lm
+    from interpflow.tasks.study.chat import EndpointChat
+
+    model_dir = tmp_path / "tiny"
+    tiny_lm.train_tiny_lm(tiny_lm.TinyLMConfig(steps=20, n_layer=1, threads=1),
+                          text_corpus.make_corpus(text_corpus.CorpusConfig(n_examples=100))).save_pretrained(model_dir)
+    server = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "serve", str(model_dir), "--port",
+                               "8766"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, text = time.time() + 180, ""
+        while time.time() < deadline and server.poll() is None:
+            text += server.stdout.readline()
+            if "Ctrl-C stops" in text.replace("\n", " "):     # the ready line (rich may wrap it)
+                break
+        assert "http://127.0.0.1:8766/v1" in text.replace("\n", ""), text
+        reply = EndpointChat("http://127.0.0.1:8766/v1", "tiny").chat(
+            [{"role": "user", "content": "Hello."}], max_tokens=5, temperature=0)
+        assert reply.completion_tokens > 0 and isinstance(reply.text, str)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode is not None

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a node failed, 2 bad input (spec, overrides, store), re
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -222,6 +223,43 @@ def submit(spec: str, overrides: Optional[list[str]] = typer.Argument(None),
     out.print(f"job {result.submission_id}: {result.status}"
               + (" (already submitted; attached)" if result.attached else ""))
     raise typer.Exit(0 if result.status in ("SUCCEEDED", "RUNNING", "PENDING") else 1)
+
+
+@app.command("serve")
+def serve_model(model: str = typer.Argument(..., help="a causal LM: local Hugging Face folder or hub id"),
+                port: int = typer.Option(8000, help="HTTP port"),
+                host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network"),
+                api_key_env: Optional[str] = typer.Option(
+                    None, "--api-key-env", help="name of the env var holding the key clients must send "
+                                                "as 'Authorization: Bearer <key>' (default: no key)"),
+                address: Optional[str] = typer.Option(None, help="Ray address (default RAY_ADDRESS or a private "
+                                                                 "local cluster)"),
+                dtype: str = typer.Option("float32", help="weights dtype: float32, float16 or bfloat16"),
+                num_gpus: float = typer.Option(0, help="GPUs for the model replica")) -> None:
+    """Serve MODEL as an OpenAI-compatible chat endpoint (POST /v1/chat/completions) until Ctrl-C."""
+    from pydantic import ValidationError
+
+    from interpflow.tasks.models import ModelConfig, check_model_source
+    from interpflow.workflows.engine.runner import ensure_ray
+    from interpflow.workflows.engine.settings import RunSettings
+
+    try:
+        check_model_source(model)
+        cfg = ModelConfig(dtype=dtype)
+    except (FileNotFoundError, ValidationError) as exc:
+        _fail_input(str(exc))
+    if api_key_env and not os.environ.get(api_key_env):
+        _fail_input(f"environment variable {api_key_env} is not set: export {api_key_env}=<the key clients "
+                    "will send>, or drop --api-key-env")
+    ensure_ray(RunSettings(address=address))
+    from interpflow.actors import serve as chat_serve
+
+    def ready(url: str) -> None:
+        out.print(f"serving {model} at [bold]{url}[/] (POST {url}/chat/completions, GET {url}/models)"
+                  + (f"; clients send the key in {api_key_env}" if api_key_env else "") + ". Ctrl-C stops.")
+
+    chat_serve.start(model, host=host, port=port, cfg=cfg, api_key_env=api_key_env, num_gpus=num_gpus,
+                     blocking=True, on_ready=ready)
 
 
 def main() -> None:
