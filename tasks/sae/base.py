@@ -36,6 +36,14 @@ Variant = Literal["relu", "topk", "batchtopk", "jumprelu", "archetypal", "relaxe
 TOPK_FAMILY = ("topk", "batchtopk", "archetypal", "relaxed_archetypal")   # variants that use `k`
 
 
+def check_sparsity(k: int | None, n_latents: int, aux_k: int | None) -> None:
+    """TopK-style codes need k < n_latents, and AuxK at most n_latents dead latents."""
+    if k is not None and k >= n_latents:
+        raise ValueError(f"k={k} must be smaller than n_latents={n_latents}; lower k or raise n_latents")
+    if aux_k is not None and aux_k > n_latents:
+        raise ValueError(f"aux_k={aux_k} must be at most n_latents={n_latents}; lower aux_k or leave it unset")
+
+
 class SAEConfig(BaseModel):
     """Everything that defines one SAE's architecture and loss (not its training schedule)."""
 
@@ -63,12 +71,7 @@ class SAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:
-        if self.variant in TOPK_FAMILY and self.k >= self.n_latents:
-            raise ValueError(f"k={self.k} must be smaller than n_latents={self.n_latents}; "
-                             f"lower k or raise n_latents")
-        if self.aux_k is not None and self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k={self.aux_k} must be at most n_latents={self.n_latents}; "
-                             f"lower aux_k or leave it unset")
+        check_sparsity(self.k if self.variant in TOPK_FAMILY else None, self.n_latents, self.aux_k)
         return self
 
     @property

@@ -28,15 +28,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .base import SAEConfig, SparseAutoencoder, check_input, make_sae
 
 
-class SAETrainConfig(BaseModel):
+class Schedule(BaseModel):
+    """The optimisation schedule every SAE trainer shares (``lr_at`` reads it)."""
+
     model_config = ConfigDict(extra="forbid")
-    sae: SAEConfig = Field(default_factory=SAEConfig)
     steps: int = Field(2000, ge=1, description="optimiser steps (fewer if a batch stream ends first)")
-    batch_size: int = Field(256, ge=1, description="rows per step when x is a tensor")
     lr: float = Field(1e-3, gt=0, le=1.0, description="peak Adam learning rate")
     warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
     decay_frac: float = Field(0.2, ge=0, le=1, description="final fraction of steps decayed linearly to 0")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient L2 norm; None = no clipping")
+
+
+class SAETrainConfig(Schedule):
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    batch_size: int = Field(256, ge=1, description="rows per step when x is a tensor")
     normalize: Literal["scale", "none"] = Field("scale", description="scale: E||x||^2 = d_in; none: raw")
     init_rows: int = Field(16384, ge=1, description="rows used for input scale and data-dependent init")
     log_every: int = Field(100, ge=1, description="history record every this many steps (and the last)")
@@ -63,7 +68,7 @@ class DivergedError(RuntimeError):
                          f"lower lr, raise warmup_steps or set grad_clip")
 
 
-def lr_at(cfg: SAETrainConfig, step: int) -> float:
+def lr_at(cfg: Schedule, step: int) -> float:
     """Learning rate for 0-based ``step``: warmup, constant, linear decay to 0."""
     f = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     decay_start = cfg.steps * (1 - cfg.decay_frac)

@@ -47,8 +47,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .base import check_input
-from .train import DivergedError, lr_at
+from .base import check_input, check_sparsity
+from .train import DivergedError, Schedule, lr_at
 
 
 class UniversalSAEConfig(BaseModel):
@@ -82,12 +82,7 @@ class UniversalSAEConfig(BaseModel):
                                  f"{len(self.d_ins)} widths; give one name per model or leave model_names unset")
             if len(set(self.model_names)) != len(self.model_names):
                 raise ValueError(f"model_names={self.model_names} has duplicates; give each model its own name")
-        if self.k >= self.n_latents:
-            raise ValueError(f"k={self.k} must be smaller than n_latents={self.n_latents}; "
-                             f"lower k or raise n_latents")
-        if self.aux_k is not None and self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k={self.aux_k} must be at most n_latents={self.n_latents}; "
-                             f"lower aux_k or leave it unset")
+        check_sparsity(self.k, self.n_latents, self.aux_k)
         return self
 
     @property
@@ -308,17 +303,12 @@ class UniversalSAE(nn.Module):
 
 # --------------------------------------------------------------------------------------- training
 
-class UniversalTrainConfig(BaseModel):
-    """Schedule of ``train_universal``; the field names match ``SAETrainConfig`` (``lr_at`` reads them)."""
+class UniversalTrainConfig(Schedule):
+    """How ``train_universal`` trains: the shared ``Schedule`` (``lr_at``) plus data and init choices."""
 
     model_config = ConfigDict(extra="forbid")
     sae: UniversalSAEConfig
-    steps: int = Field(2000, ge=1, description="optimiser steps")
     batch_size: int = Field(256, ge=1, description="paired rows per step")
-    lr: float = Field(1e-3, gt=0, le=1.0, description="peak Adam learning rate")
-    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
-    decay_frac: float = Field(0.2, ge=0, le=1, description="final fraction of steps decayed linearly to 0")
-    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient L2 norm; None = no clipping")
     normalize: Literal["scale", "none"] = Field("scale", description="scale: E||x_m||^2 = d_m per model; none: raw")
     sources: Literal["all", "random"] = Field(
         "all", description="all: every step encodes from every model (the exact mean over sources); random: "
