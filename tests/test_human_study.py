@@ -53,6 +53,8 @@ class TestOnLocalRay:
         for arm, planted in (("debunk", -10), ("bunk", 10), ("control", 0), ("bunk_corrected", 10)):
             assert metrics[f"{arm}.ci_low"] <= planted <= metrics[f"{arm}.ci_high"], arm
         assert metrics["bunk_corrected.reversal_ci_low"] <= 1.0 <= metrics["bunk_corrected.reversal_ci_high"]
+        truth = handle.metrics("ground_truth")
+        assert truth["ground_truth_ok"] == 1.0 and truth["effects_checked"] == 7   # 4 changes + 3 corrective
         results = handle.table("conversations", "results")
         ids = results.column("participant").to_pylist()
         assert len(ids) == len(set(ids)) == 4 * 150

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.actors.model import ModelActor, load
 from interpflow.tasks import models, text_corpus, tiny_lm
 from interpflow.tasks.study import AnalysisConfig, StudyConfig, analyse, participants
-from interpflow.tasks.study import simulate
+from interpflow.tasks.study import rules, simulate
 from interpflow.workflows.engine import ActorPool, Graph, node, sharded
 
 
@@ -53,7 +53,12 @@ def human_study_graph(cfg: HumanStudy) -> Graph:
                          num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
     conversations = sharded(simulate.simulate_shard, sim, ids=simulate.participant_ids, num_shards=cfg.num_shards,
                             name="conversations", actors=pool, participants=people, **inputs)
-    return Graph(node(analyse, cfg.analysis, name="analysis", results=conversations["results"]))
+    analysis = node(analyse, cfg.analysis, name="analysis", results=conversations["results"])
+    if cfg.study.participant_backend != "rule":
+        return Graph(analysis)
+    # rule participants: the effects are planted, so the analysis must find them (ground truth)
+    planted = rules.PlantedCheck(planted=rules.planted_effects(cfg.study))
+    return Graph(node(rules.check_planted, planted, name="ground_truth", arms=analysis["arms"]))
 
 
 def validate(cfg: HumanStudy) -> None:

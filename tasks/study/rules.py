@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ATTRIBUTES, Claim, Persuader, RuleParticipant, Scale, StudyConfig, stance_sign
 from .population import participant_rng, participants, persona_dict
@@ -156,3 +157,42 @@ def planted_effects(cfg: StudyConfig) -> dict[str, dict[str, float]]:
             r = reversal_of(rule, s, arm.corrective.stance)
             out[arm.name].update(final_change=-r * change, net_change=(1 - r) * change, reversal=r)
     return out
+
+
+class PlantedCheck(BaseModel):
+    """The planted effects of a rule-participant study (``planted_effects``), checked against the analysis."""
+
+    model_config = ConfigDict(extra="forbid")
+    planted: dict[str, dict[str, float]] = Field(default_factory=dict, description="arm -> effect name -> value")
+    level: float = Field(0.95, gt=0, lt=1, description="the analysis' CI level")
+
+
+def check_planted(cfg: PlantedCheck, arms: pa.Table) -> dict:
+    """Ground truth: each planted effect (change; for corrective arms also the final change, net change
+    and reversal) lies inside its CI in the analysis' per-arm table.
+
+    With m effects, m separate 95% intervals all cover by chance only ~0.95^m of the time (0.63 for
+    9), so ``ground_truth_ok`` uses family-wise (Bonferroni) intervals: each 95% interval widened about
+    its centre by z(1 - 0.05/2m) / z(0.975). ``inside`` reports the plain intervals too.
+    """
+    from scipy.stats import norm
+
+    columns = {"change": ("ci_low", "ci_high"), "final_change": ("final_ci_low", "final_ci_high"),
+               "net_change": ("net_ci_low", "net_ci_high"), "reversal": ("reversal_ci_low", "reversal_ci_high")}
+    rows = {r["arm"]: r for r in arms.to_pylist()}
+    m = sum(len(effects) for effects in cfg.planted.values())
+    alpha = 1 - cfg.level
+    widen = float(norm.ppf(1 - alpha / (2 * max(m, 1))) / norm.ppf(1 - alpha / 2))
+    checks = []
+    for arm, effects in sorted(cfg.planted.items()):
+        for name, value in sorted(effects.items()):
+            low, high = (rows[arm][c] for c in columns[name])
+            centre, half = (low + high) / 2, (high - low) / 2 * widen
+            checks.append({"arm": arm, "effect": name, "planted": value, "ci_low": low, "ci_high": high,
+                           "inside": bool(low <= value <= high),
+                           "inside_familywise": bool(centre - half <= value <= centre + half)})
+    ok = bool(checks) and all(c["inside_familywise"] for c in checks)
+    return {"checks": pa.Table.from_pylist(checks),
+            "metrics": {"ground_truth_ok": float(ok), "effects_checked": len(checks),
+                        "effects_inside_ci": sum(c["inside"] for c in checks),
+                        "effects_inside_familywise_ci": sum(c["inside_familywise"] for c in checks)}}
