@@ -77,6 +77,20 @@ def jobs_client(address: str):
     return JobSubmissionClient(address, headers=cluster_auth_headers())
 
 
+def _submit_when_ready(client, timeout_s: float, **job) -> None:
+    """Submit, waiting out a head whose job agent is still starting (the Jobs API answers 500
+    "No available agent" for a few seconds after `ray start`, longer on a loaded machine)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 1800,
                 echo: Callable[[str], None] = print) -> Submission:
     client = jobs_client(address)
@@ -93,12 +107,11 @@ def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 
             workdir.mkdir()
             (workdir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
             package = build_package(staging / "wheel")
-            client.submit_job(
-                entrypoint="python -m interpflow.workflows.cli run spec.yaml --no-progress",
-                submission_id=sid,
-                runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
-                metadata={"interpflow_workflow": spec.workflow},
-            )
+            _submit_when_ready(client, timeout_s=120,
+                               entrypoint="python -m interpflow.workflows.cli run spec.yaml --no-progress",
+                               submission_id=sid,
+                               runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
+                               metadata={"interpflow_workflow": spec.workflow})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         echo(f"submitted job {sid}")
