@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -22,3 +25,14 @@ def spec_file(path: Path, store: Path, **sections) -> Path:
     data.update(sections)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def run_then_kill(spec: Path, cwd: Path, ready: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> None:
+    """Start `interpflow run SPEC` and SIGKILL the driver once `ready()` holds (or it ended, or time ran out)."""
+    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and driver.poll() is None:
+        time.sleep(poll_s)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import interpflow
-from support import cli
+from support import cli, run_then_kill
 
 SMALL = {"workflow": "extract", "corpus": {"n_examples": 300}, "lm": {"steps": 40, "n_layer": 2},
          "extract": {"sites": ["embed", "blocks.1.mlp_out"], "batch_size": 16},
@@ -120,13 +118,8 @@ def test_driver_sigkill_mid_extraction_then_resume(tmp_path):
         return path, store
 
     path, store = spec("killed")
-    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(path), "--no-progress"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(list(store.glob("activations/*/shard-*/_manifest.json"))) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    run_then_kill(path, tmp_path, lambda: len(list(store.glob("activations/*/shard-*/_manifest.json"))) >= 2,
+                  timeout=240, poll_s=0.05)
     time.sleep(3)  # the driver's Ray processes share its fate
     committed = len(list(store.glob("activations/*/shard-*/_manifest.json")))
     assert 2 <= committed < 12

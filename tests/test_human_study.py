@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import interpflow
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli
+from support import cli, run_then_kill
 from support_endpoint import FlakyServer
 
 SECRET = "sk-interpflow-test-4c1d9e-NEVER-LOG-ME"
@@ -152,13 +152,7 @@ def test_driver_killed_mid_study_resumes_only_missing_participants(tmp_path, mon
         spec["run"] = {"store": str(store), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
         path = tmp_path / "study.yaml"
         path.write_text(yaml.safe_dump(spec))
-        driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(path), "--no-progress"],
-                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while len(_shard_manifests(store)) < 2 and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.1)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        run_then_kill(path, tmp_path, lambda: len(_shard_manifests(store)) >= 2, timeout=300)
         time.sleep(5)     # shards already running in the orphaned cluster may still commit; let them
         before = {m["shard"]["index"] for m in _shard_manifests(store)}
         assert 2 <= len(before) < 8, "the kill should land mid-study"

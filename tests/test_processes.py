@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from support import cli, spec_file
+from support import cli, run_then_kill, spec_file
 
 def _shard_manifests(store: Path) -> list[Path]:
     return sorted(store.glob("transform_shard/*/shard-*/_manifest.json"))
@@ -31,13 +30,7 @@ def test_sigkill_mid_shards_then_resume_runs_only_missing_shards(tmp_path):
     sections = {"numbers": {"n": 2000}, "num_shards": 20, "transform": {"work_s": 0.4}}
     store = tmp_path / "a" / "store"
     spec = spec_file(tmp_path / "a.yaml", store, **sections)
-    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while len(_shard_manifests(store)) < 4 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    run_then_kill(spec, tmp_path, lambda: len(_shard_manifests(store)) >= 4, timeout=240)
     # Workers share the driver's fate; wait until no further shard appears.
     seen, stable_since = -1, time.time()
     while time.time() - stable_since < 3:
@@ -89,13 +82,7 @@ def test_training_node_killed_midway_resumes_from_its_checkpoint(tmp_path):
     fit = {"steps": 120, "checkpoint_every": 10, "work_s": 0.08}
     store = tmp_path / "a" / "store"
     spec = spec_file(tmp_path / "a.yaml", store, numbers={"n": 400}, num_shards=2, fit=fit)
-    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(list(store.glob(".train/fit-*/checkpoint_*"))) < 3 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.1)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    run_then_kill(spec, tmp_path, lambda: len(list(store.glob(".train/fit-*/checkpoint_*"))) >= 3, timeout=300)
     assert not list(store.glob("fit/*/_manifest.json")), "the kill should land before training finished"
     (record,) = _records(store)
     resumed = cli("resume", record["run_id"], "--store", str(store), "--no-progress", cwd=tmp_path, timeout=400)

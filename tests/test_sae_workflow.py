@@ -4,10 +4,6 @@ resume, data-parallel workers, and input errors before compute (issue #5)."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
@@ -15,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import interpflow
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli
+from support import cli, run_then_kill
 
 SMALL = {"workflow": "sae", "corpus": {"n_examples": 1000}, "num_shards": 2,
          "fit": {"train": {"sae": {"n_latents": 128}, "steps": 800, "init_rows": 2048, "log_every": 50},
@@ -66,14 +62,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     where an uninterrupted run of the same node ends."""
     store = tmp_path / "store"
     spec = _small_spec(tmp_path / "sae.yaml", store, steps=2000, checkpoint_every=200)
-    driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while len(list(store.glob(".train/sae.topk-k8-*/checkpoint_*"))) < 2 and time.time() < deadline \
-            and driver.poll() is None:
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    run_then_kill(spec, tmp_path, lambda: len(list(store.glob(".train/sae.topk-k8-*/checkpoint_*"))) >= 2,
+                  timeout=400, poll_s=0.2)
     assert not list(store.glob("sae.topk-k8/*/_manifest.json")), "the kill should land before training finished"
     (record_path,) = store.glob("runs/*/record.json")
     run_id = json.loads(record_path.read_text())["run_id"]

@@ -72,8 +72,7 @@ def validate(cfg: HumanStudy) -> None:
                          f"holds one local model (leave `model` unset for the embedded tiny LM)")
     if local and None not in local:
         models.check_model_source(next(iter(local)))
-    needed = {p.api_key_env for arm in cfg.study.arms for p in (arm.persuader, arm.corrective)
-              if p is not None and p.backend == "endpoint" and p.api_key_env}
+    needed = {p.api_key_env for p in simulate.persuaders(cfg.study) if p.backend == "endpoint" and p.api_key_env}
     if cfg.study.participant_backend == "endpoint" and cfg.study.participant_api_key_env:
         needed.add(cfg.study.participant_api_key_env)
     for name in sorted(needed):

@@ -101,9 +101,9 @@ def sae_bench_graph(cfg: SaeBench) -> Graph:
 
 def validate(cfg: SaeBench) -> None:
     """Widths and sweep members are checked before any compute."""
-    (site, width), = site_widths(cfg).items()
     if len(cfg.extract.sites) != 1:
         raise ValueError("extract.sites: the benchmark uses one site")
+    (site, width), = site_widths(cfg).items()
     d_in = cfg.stability.train.sae.d_in
     if width is not None and width != d_in:
         raise ValueError(f"stability.train.sae.d_in={d_in} does not match the width {width} of site '{site}'; "

@@ -93,12 +93,13 @@ def best_cosines(atoms: torch.Tensor, directions: np.ndarray) -> float:
 def stability_run(cfg: StabilityRun, activations, data) -> dict:
     """One SAE for the stability table: its dictionary before and after training, and which latents live."""
     x, ids = _rows(activations, cfg.half)
+    # initialise as train_sae would (same rows), keep the starting dictionary, then train that model on
     init = SAETrainer(cfg.train)
     init.initialise(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.train.seed))
                       [:cfg.train.init_rows]])
     with torch.no_grad():
         init_dictionary = init.model.dictionary().detach().clone()
-    model, _ = train_sae(cfg.train, x)
+    model, _ = train_sae(cfg.train, x, model=init.model, fresh=False)
     held = model.metrics(x)
     with torch.no_grad():
         codes_fire = torch.zeros(cfg.train.sae.n_latents, dtype=torch.bool)

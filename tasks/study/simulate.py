@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import EndpointChat, Reply, generate_reply
@@ -204,8 +205,6 @@ def simulate_participant(sim: Simulation, row: dict, backends: Backends) -> dict
 
 def simulate_shard(sim: Simulation, shard, participants: pa.Table, model: Any = None) -> dict:
     """Every participant of one shard; `model` is the model actor's LoadedModel for local backends."""
-    import pyarrow.compute as pc
-
     started = time.perf_counter()
     rows = participants.filter(pc.is_in(participants.column("participant"),
                                         value_set=pa.array(list(shard.ids), pa.string()))).to_pylist()
@@ -218,31 +217,29 @@ def simulate_shard(sim: Simulation, shard, participants: pa.Table, model: Any = 
         results = [simulate_participant(sim, r, backends) for r in rows]
     table = pa.Table.from_pylist(results, schema=SCHEMA)
     seconds = time.perf_counter() - started
-    generation = float(pa.compute.sum(table.column("generation_s")).as_py() or 0.0)
+
+    def total(column: str) -> float:
+        return pc.sum(table.column(column)).as_py() or 0
+
     return {"results": table,
-            "metrics": {"participants": table.num_rows, "unparseable": int(pa.compute.sum(table.column("unparseable")).as_py() or 0),
-                        "completion_tokens": int(pa.compute.sum(table.column("completion_tokens")).as_py() or 0),
-                        "model_calls": int(pa.compute.sum(table.column("model_calls")).as_py() or 0),
-                        "generation_s": generation, "compute_s": seconds}}
+            "metrics": {"participants": table.num_rows, "unparseable": int(total("unparseable")),
+                        "completion_tokens": int(total("completion_tokens")), "model_calls": int(total("model_calls")),
+                        "generation_s": float(total("generation_s")), "compute_s": seconds}}
+
+
+def persuaders(study: StudyConfig) -> list[Persuader]:
+    """Every persuader of the study (each arm's, and its corrective's)."""
+    return [p for arm in study.arms for p in (arm.persuader, arm.corrective) if p is not None]
 
 
 def _backends_of(study: StudyConfig) -> list[str]:
-    out = [study.participant_backend]
-    for arm in study.arms:
-        out.append(arm.persuader.backend)
-        if arm.corrective is not None:
-            out.append(arm.corrective.backend)
-    return out
+    return [study.participant_backend, *(p.backend for p in persuaders(study))]
 
 
 def local_models(study: StudyConfig) -> set[str | None]:
     """The model ids/paths local backends ask for (None: the study's default model)."""
     models = {study.participant_model} if study.participant_backend == "local" else set()
-    for arm in study.arms:
-        for p in (arm.persuader, arm.corrective):
-            if p is not None and p.backend == "local":
-                models.add(p.model)
-    return models
+    return models | {p.model for p in persuaders(study) if p.backend == "local"}
 
 
 def uses_local_model(study: StudyConfig) -> bool:
