@@ -110,7 +110,7 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str],
         model_max_length=model_max_length, padding_side="right", clean_up_tokenization_spaces=False)
 
 
-def _batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids/attention_mask/labels, with labels -100 on padding."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -121,7 +121,7 @@ def _batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over non-padding targets, and the number of targets."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
@@ -135,7 +135,7 @@ def _mean_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> fl
     """Token-weighted mean next-token loss over ``seqs``."""
     total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
-        s, c = _loss_sum(model, _batch(seqs[i:i + batch_size], pad_id))
+        s, c = loss_sum(model, pad_batch(seqs[i:i + batch_size], pad_id))
         total, count = total + s.item(), count + c
     return total / max(count, 1)
 
@@ -194,7 +194,7 @@ def train_tiny_lm(cfg: TinyLMConfig, corpus: datasets.Dataset) -> Pretrained:
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.steps):
         idx = rng.integers(0, len(seqs), size=cfg.batch_size)
-        total, count = _loss_sum(model, _batch([seqs[i] for i in idx], pad))
+        total, count = loss_sum(model, pad_batch([seqs[i] for i in idx], pad))
         loss = total / max(count, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -34,6 +34,7 @@ WORKFLOWS: dict[str, str] = {
     "sae": "interpflow.workflows.sae:sae_graph",
     "sae_bench": "interpflow.workflows.sae_bench:sae_bench_graph",
     "human_study": "interpflow.workflows.human_study:human_study_graph",
+    "influence": "interpflow.workflows.influence:influence_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"

@@ -392,6 +392,7 @@ class Store:
         return str(dest)
 
     def _load_sharded(self, directory: str, manifest: dict, output: str | None, verify: bool) -> Any:
+        """Tables open as one dataset over every shard; another output, named, as a list of per-shard values."""
         shard_dirs = [f"{directory}/{s['dir']}" for s in manifest["shards"]]
         shard_manifests = [self.read_manifest(d) for d in shard_dirs]
         for d, m in zip(shard_dirs, shard_manifests):
@@ -399,6 +400,10 @@ class Store:
                 raise CorruptArtifact(manifest.get("node", "?"), manifest.get("key", "?"), d, "shard manifest missing")
             if verify:
                 self.verify(d, m)
+        if output and manifest["outputs"].get(output, {}).get("kind", "table") != "table":
+            # tensors, JSON, ...: one value per shard, in shard order (e.g. per-example gradient blocks)
+            return [self._load_one(d, m["outputs"][output]) for d, m in zip(shard_dirs, shard_manifests)
+                    if output in m["outputs"]]
         names = [output] if output else [n for n, o in manifest["outputs"].items() if o["kind"] == "table"]
         datasets = {}
         for name in names:

@@ -1,0 +1,308 @@
+"""The steps of an attribution run over a dataset, as a workflow shards them.
+
+Per-shard steps take a loaded model (``tasks.models.LoadedModel``, held by a model actor) and the
+shard's stable example ids; reduce steps take the per-shard results in shard order:
+
+    gradient_shard     per-example training gradients (projected or not) + their diagonal Fisher sums
+    covariance_shard   K-FAC's A/S sums                  -> kfac_basis (sum, eigendecompose)
+    lambda_shard       EK-FAC's eigenvalue sums in that basis
+    query_gradients    mean query gradients of the log-likelihood (classical) and of f_v (concept)
+    gradient_scores    every (measurement, preconditioner) pair -> the common (id, score, method) table
+    activation_scores  probe projection, its cosine variant, embedding similarity, random
+
+Inputs are tokenised the same way everywhere (``encode_texts``): the tokenizer's special tokens,
+right padding, and a stated policy for texts longer than the model accepts (``too_long``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from interpflow.tasks.finetune import TooLong, encode
+from interpflow.tasks.influence.grads import PerExampleGrads, per_example_grads
+from interpflow.tasks.influence.kfac import (
+    CovarianceStats, KroneckerBasis, LambdaStats, covariance_stats, eigendecompose, kronecker_layers, lambda_stats,
+)
+from interpflow.tasks.influence.params import ParamSelection, select_parameters
+from interpflow.tasks.influence.precondition import (
+    DiagonalStats, KroneckerStats, PreconditionerConfig, Strategy, fit, sum_stats,
+)
+from interpflow.tasks.influence.projection import ProjectionConfig, RandomProjection
+from interpflow.tasks.influence.scores import (
+    embedding_similarity, influence, probe_scores, random_scores,
+)
+from interpflow.tasks.influence.task import CausalLMTask, ConceptTask
+
+
+class GradientsConfig(BaseModel):
+    """Which parameters are differentiated, how gradients are projected, and how texts are batched."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: list[str] = Field(default_factory=lambda: ["transformer.h.*.mlp.c_fc.weight"], min_length=1,
+                              description="fnmatch globs (or 're:' regexes) over model.named_parameters()")
+    projection: ProjectionConfig | None = Field(None, description="random projection of training gradients")
+    batch_size: int = Field(16, ge=1, description="examples per vectorised gradient call")
+    chunk_size: int | None = Field(None, ge=1, description="vmap chunk (bounds memory); None = the batch")
+    max_length: int | None = Field(None, ge=2, description="token limit; default the model's maximum")
+    too_long: TooLong = Field("error", description="texts over max_length: fail before computing (default: a "
+                                                   "truncated example's gradient is not that example's), or "
+                                                   "truncate them")
+    text_column: str = "text"
+    id_column: str = "id"
+
+
+def _limit(cfg: GradientsConfig, model) -> int:
+    from interpflow.tasks.finetune import model_max_length
+
+    return model_max_length(model.model, model.tokenizer, cfg.max_length)
+
+
+def encode_texts(cfg: GradientsConfig, model, texts: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
+    """A right-padded batch ``{id, input_ids, attention_mask}`` on the model's device."""
+    seqs, _ = encode(model.tokenizer, texts, _limit(cfg, model), cfg.too_long, ids)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return {"id": torch.tensor(ids, dtype=torch.long), "input_ids": input_ids.to(model.device),
+            "attention_mask": mask.to(model.device)}
+
+
+def check_texts(cfg: GradientsConfig, data, what: str) -> list[int]:
+    """The dataset's ids, after the checks that must fail before compute: columns, emptiness, unique ids."""
+    for field, column in (("text_column", cfg.text_column), ("id_column", cfg.id_column)):
+        if column not in data.column_names:
+            raise ValueError(f"gradients.{field}: the {what} set has no column {column!r} "
+                             f"(columns: {data.column_names})")
+    if data.num_rows == 0:
+        raise ValueError(f"the {what} set is empty: attribution needs at least one {what} example")
+    ids = [int(i) for i in data[cfg.id_column]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"gradients.id_column: {cfg.id_column!r} of the {what} set has duplicate ids")
+    return ids
+
+
+def train_ids(cfg: GradientsConfig, data, **_) -> list[int]:
+    """Stable shard ids of the training set (a sharded node's ``ids`` function)."""
+    return check_texts(cfg, data, "training")
+
+
+def check_lengths(cfg: GradientsConfig, tokenizer, limit: int, data, what: str) -> None:
+    """With too_long=error, any text over the limit is an error now, not in the middle of a shard."""
+    if cfg.too_long == "error":
+        encode(tokenizer, list(data[cfg.text_column]), limit, "error", list(data[cfg.id_column]), what)
+
+
+def _batches(cfg: GradientsConfig, model, data, ids) -> Iterator[dict[str, torch.Tensor]]:
+    position = {int(v): k for k, v in enumerate(data[cfg.id_column])}
+    rows = [position[int(i)] for i in ids]
+    texts = data.select(rows)[cfg.text_column]
+    for start in range(0, len(rows), cfg.batch_size):
+        yield encode_texts(cfg, model, list(texts[start:start + cfg.batch_size]),
+                           [int(i) for i in ids[start:start + cfg.batch_size]])
+
+
+def _selection(cfg: GradientsConfig, model) -> ParamSelection:
+    try:
+        return select_parameters(model.model, cfg.params)
+    except ValueError as exc:
+        raise ValueError(f"gradients.{exc}") from None
+
+
+def gradient_shard(cfg: GradientsConfig, shard, model, data) -> dict:
+    """Per-example training-loss gradients of one shard ({ids, grads}) and their squared sums."""
+    started = time.perf_counter()
+    selection = _selection(cfg, model)
+    projection = RandomProjection(cfg.projection, selection) if cfg.projection else None
+    parts = [per_example_grads(model.model, CausalLMTask(), batch, selection, projection=projection,
+                               chunk_size=cfg.chunk_size) for batch in _batches(cfg, model, data, shard.ids)]
+    grads = PerExampleGrads.concat(parts)
+    return {"grads": grads.to_tensors(), "diagonal": DiagonalStats.of(grads.grads).to_tensors(),
+            "metrics": {"examples": len(shard.ids), "width": grads.grads.shape[1],
+                        "compute_s": time.perf_counter() - started}}
+
+
+def covariance_shard(cfg: GradientsConfig, shard, model, data) -> dict:
+    """K-FAC's covariance sums over one shard."""
+    started = time.perf_counter()
+    layers = kronecker_layers(model.model, _selection(cfg, model))
+    stats = sum_stats(covariance_stats(model.model, CausalLMTask(), batch, layers)
+                      for batch in _batches(cfg, model, data, shard.ids))
+    return {"covariance": stats.to_tensors(),
+            "metrics": {"examples": len(shard.ids), "compute_s": time.perf_counter() - started}}
+
+
+def _load(model: str):
+    from interpflow.tasks.models import ModelConfig, load_model
+
+    return load_model(model, ModelConfig())
+
+
+def kfac_basis(cfg: GradientsConfig, model: str, covariance: list[dict]) -> dict:
+    """The summed covariances' eigenbasis: what EK-FAC's second pass rotates by, shipped to its shards."""
+    started = time.perf_counter()
+    loaded = _load(model)
+    layers = kronecker_layers(loaded.model, _selection(cfg, loaded))
+    basis = eigendecompose(sum_stats(CovarianceStats.from_tensors(c) for c in covariance), layers)
+    return {"basis": basis.to_tensors(), "metrics": {"compute_s": time.perf_counter() - started}}
+
+
+def lambda_shard(cfg: GradientsConfig, shard, model, data, basis: dict) -> dict:
+    """EK-FAC's eigenvalue sums over one shard, in the given K-FAC basis."""
+    started = time.perf_counter()
+    selection = _selection(cfg, model)
+    kbasis = KroneckerBasis.from_tensors(basis, kronecker_layers(model.model, selection))
+    parts = []
+    for batch in _batches(cfg, model, data, shard.ids):
+        grads = per_example_grads(model.model, CausalLMTask(), batch, selection, chunk_size=cfg.chunk_size)
+        parts.append(lambda_stats(kbasis, grads.grads, selection))
+    return {"lambdas": sum_stats(parts).to_tensors(),
+            "metrics": {"examples": len(shard.ids), "compute_s": time.perf_counter() - started}}
+
+
+class QueryConfig(BaseModel):
+    """The concept: which site, and the measurement the query gradients are taken of."""
+
+    model_config = ConfigDict(extra="forbid")
+    gradients: GradientsConfig = GradientsConfig()
+    site: str = Field("blocks.1.resid_post", description="the concept direction's site")
+
+
+def query_gradients(cfg: QueryConfig, model: str, query, concept_prompts, concept: dict) -> dict:
+    """Mean query gradients, unprojected (so that K-FAC can precondition them): of the query texts'
+    log-likelihood (classical influence) and of the concept measurement f_v over ``concept_prompts``
+    (Concept Influence)."""
+    started = time.perf_counter()
+    loaded = _load(model)
+    direction = concept_direction(concept, loaded, cfg.site)
+    selection = _selection(cfg.gradients, loaded)
+    out = {}
+    for name, task, data in (("classical", CausalLMTask(), query),
+                             ("concept", ConceptTask(cfg.site, direction), concept_prompts)):
+        ids = check_texts(cfg.gradients, data, f"{name} query")
+        check_lengths(cfg.gradients, loaded.tokenizer, _limit(cfg.gradients, loaded), data, f"{name} query")
+        total = torch.zeros(selection.numel, dtype=torch.float64)
+        for batch in _batches(cfg.gradients, loaded, data, ids):
+            g = per_example_grads(loaded.model, task, batch, selection, kind="measurement",
+                                  chunk_size=cfg.gradients.chunk_size)
+            total += g.grads.double().sum(dim=0)
+        out[name] = (total / len(ids)).unsqueeze(0)
+    return {**out, "metrics": {"queries": query.num_rows, "concept_prompts": concept_prompts.num_rows,
+                               "width": selection.numel, "compute_s": time.perf_counter() - started}}
+
+
+def concept_direction(probe: dict, loaded, site: str) -> torch.Tensor:
+    """The probe's unit direction, checked against the site's width."""
+    direction = torch.as_tensor(probe["direction"]).double()
+    if direction.ndim == 2:
+        if direction.shape[0] != 1:
+            raise ValueError(f"the probe has {direction.shape[0]} directions; Concept Influence takes one "
+                             "(a binary logistic or a ridge probe)")
+        direction = direction[0]
+    width = loaded.sites.width(loaded.sites.resolve_all([site])[0])
+    if width is not None and direction.shape[0] != width:
+        raise ValueError(f"the probe direction has {direction.shape[0]} entries but site {site!r} has width "
+                         f"{width}; fit the probe on this site's activations")
+    return direction.float()
+
+
+class ScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preconditioners: list[Strategy] = Field(default_factory=lambda: ["identity", "diagonal", "ekfac"], min_length=1,
+                                            description="each gives one classical and one Concept Influence score")
+    damping: float = Field(0.1, ge=0, description="damping as a multiple of the mean eigenvalue")
+    gradients: GradientsConfig = GradientsConfig()
+
+
+def _preconditioner(strategy: str, cfg: ScoreConfig, loaded, selection: ParamSelection, diagonal, basis, lambdas):
+    pre_cfg = PreconditionerConfig(strategy=strategy, damping=cfg.damping)
+    if strategy == "identity":
+        return fit(pre_cfg)
+    if strategy == "diagonal":
+        return fit(pre_cfg, sum_stats(DiagonalStats.from_tensors(d) for d in diagonal))
+    stats = KroneckerStats(selection, KroneckerBasis.from_tensors(basis, kronecker_layers(loaded.model, selection)))
+    if strategy == "ekfac":
+        stats.lambdas = sum_stats(LambdaStats.from_tensors(x) for x in lambdas)
+    return fit(pre_cfg, stats)
+
+
+def gradient_scores(cfg: ScoreConfig, model: str, grads: list[dict], query: dict, diagonal: list[dict] | None = None,
+                    basis: dict | None = None, lambdas: list[dict] | None = None) -> dict:
+    """Classical influence and Concept Influence under every preconditioner, one table.
+
+    Methods are named ``influence[<strategy>]`` and ``concept_influence[<strategy>]``. K-FAC/EK-FAC
+    precondition the query in parameter space, then project it to meet projected training gradients;
+    the diagonal lives where its statistics were summed (the stored, possibly projected, gradients).
+    """
+    started = time.perf_counter()
+    loaded = _load(model)
+    selection = _selection(cfg.gradients, loaded)
+    projection = RandomProjection(cfg.gradients.projection, selection) if cfg.gradients.projection else None
+    train = PerExampleGrads.concat([PerExampleGrads.from_tensors(g) for g in grads])
+    tables, seconds = [], {}
+    for strategy in cfg.preconditioners:
+        t0 = time.perf_counter()
+        pre = _preconditioner(strategy, cfg, loaded, selection, diagonal, basis, lambdas)
+        in_parameter_space = strategy in ("kfac", "ekfac") or projection is None
+        for name, measure in (("influence", "classical"), ("concept_influence", "concept")):
+            method = f"{name}[{strategy}]"
+            if in_parameter_space:
+                tables.append(influence(query[measure], train, pre, projection=projection, method=method))
+            else:
+                tables.append(influence(projection.project_flat(query[measure]), train, pre, method=method))
+        seconds[strategy] = time.perf_counter() - t0
+    return {"scores": pa.concat_tables(tables),
+            "metrics": {"compute_s": time.perf_counter() - started,
+                        **{f"score_s.{k}": v for k, v in seconds.items()}}}
+
+
+def padded_by_id(activations: pads.Dataset | pa.Table) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Token rows (id, position, vector) -> (ids, (n, T, d) activations, (n, T) mask), ids ascending."""
+    from interpflow.tasks.activations import vectors_of
+
+    table = activations.to_table() if isinstance(activations, pads.Dataset) else activations
+    ids = table.column("id").to_numpy()
+    positions = table.column("position").to_numpy()
+    vectors = vectors_of(table).float()
+    unique, row = np.unique(ids, return_inverse=True)
+    order = np.lexsort((positions, row))
+    rank = np.empty_like(order)
+    counts = np.bincount(row, minlength=len(unique))
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    rank[order] = np.arange(len(order)) - starts[row[order]]
+    acts = torch.zeros(len(unique), int(counts.max()), vectors.shape[1])
+    mask = torch.zeros(len(unique), int(counts.max()))
+    acts[row, rank] = vectors
+    mask[row, rank] = 1
+    return unique, acts, mask
+
+
+class ActivationScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    random_seed: int = Field(0, description="seed of the random baseline")
+
+
+def activation_scores(cfg: ActivationScoreConfig, activations, query_activations, probe: dict) -> dict:
+    """Scores that need no parameter gradients: the probe projection (Concept Influence's first-order
+    proxy) and its cosine variant, cosine similarity to the query set, and random."""
+    started = time.perf_counter()
+    ids, acts, mask = padded_by_id(activations)
+    direction = torch.as_tensor(probe["direction"]).double().reshape(-1)
+    probe_t0 = time.perf_counter()
+    tables = [probe_scores(acts, mask, direction, ids)]
+    probe_s = time.perf_counter() - probe_t0
+    tables.append(probe_scores(acts, mask, direction, ids, normalize="cosine"))
+    _, q_acts, q_mask = padded_by_id(query_activations)
+    tables.append(embedding_similarity(acts, mask, q_acts, q_mask, ids))
+    tables.append(random_scores(ids, cfg.random_seed))
+    return {"scores": pa.concat_tables(tables),
+            "metrics": {"compute_s": time.perf_counter() - started, "probe_score_s": probe_s}}

@@ -1,0 +1,172 @@
+"""Concept Influence training-data attribution on a planted-data benchmark (issue #6).
+
+A base LM (the embedded tiny LM by default, or any HF causal LM) is fine-tuned on Ray Train on a
+dataset where a known few examples carry a trait (``tasks.influence.planted``). The concept
+direction is fitted per layer on the fine-tuned model's activations; per-example gradients and the
+curvature statistics are sharded over model actors; every method scores every training example;
+the scores are checked against the planted ids; and for the methods named in ``removal`` the top k
+examples are removed and the model fine-tuned again, beside k random removals.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from interpflow.actors.model import ModelActor, load
+from interpflow.tasks import activations, models, text_corpus, tiny_lm
+from interpflow.tasks.finetune import FinetuneConfig, finetune
+from interpflow.tasks.influence import attribution, benchmark
+from interpflow.tasks.influence import concept as concepts
+from interpflow.tasks.influence import planted as planting
+from interpflow.workflows.engine import ActorPool, Graph, node, sharded, trained
+from interpflow.workflows.engine.training import Training
+
+
+class RemovalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = Field(default_factory=lambda: ["concept_influence[ekfac]", "probe", "influence[ekfac]"],
+                               description="methods whose top k are removed before fine-tuning again")
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+                                    description="one random removal of k examples per seed")
+
+
+class InfluenceStudy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    planted: planting.PlantedConfig = planting.PlantedConfig()
+    corpus: text_corpus.CorpusConfig = Field(text_corpus.CorpusConfig(concept_rate=0.0, max_words=20),
+                                             description="the embedded base LM's corpus (no trait)")
+    lm: tiny_lm.TinyLMConfig = tiny_lm.TinyLMConfig()
+    model: models.ModelRef | None = Field(None, description="base model (HF id or folder); default the tiny LM")
+    load: models.ModelConfig = models.ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    concept: concepts.ConceptConfig = concepts.ConceptConfig()
+    probe_sites: list[str] = Field(default_factory=lambda: ["embed", "blocks.0.resid_post", "blocks.1.resid_post",
+                                                            "blocks.2.resid_post", "final_norm"], min_length=1,
+                                   description="sites of the layer sweep (must include concept.site)")
+    gradients: attribution.GradientsConfig = attribution.GradientsConfig()
+    scores: attribution.ScoreConfig = Field(attribution.ScoreConfig(), description="gradients is taken from above")
+    evaluate: benchmark.EvaluateConfig = benchmark.EvaluateConfig()
+    removal: RemovalConfig = RemovalConfig()
+    report: benchmark.RemovalReportConfig = benchmark.RemovalReportConfig()
+    num_shards: int = Field(8, ge=1, description="shards of the training set for gradients and statistics")
+    actors: int = Field(1, ge=1, description="model actors holding the fine-tuned model")
+    actor_cpus: float = Field(1, gt=0)
+    actor_gpus: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InfluenceStudy:
+        if self.concept.site not in self.probe_sites:
+            raise ValueError(f"concept.site={self.concept.site!r} is not in probe_sites {self.probe_sites}; "
+                             "add it to probe_sites")
+        if self.report.concept_method not in self.removal.methods:
+            raise ValueError(f"report.concept_method={self.report.concept_method!r} must be one of "
+                             f"removal.methods {self.removal.methods}")
+        strategies = {m[m.index("[") + 1:-1] for m in self.removal.methods + [self.report.concept_method] if "[" in m}
+        missing = strategies - set(self.scores.preconditioners)
+        if missing:
+            raise ValueError(f"removal.methods use preconditioners {sorted(missing)} that scores.preconditioners "
+                             f"{self.scores.preconditioners} does not compute; add them")
+        return self
+
+    def model_pool(self) -> ActorPool:
+        return ActorPool(setup=load, config=self.load, size=self.actors, setup_inputs=("model",), actor=ModelActor,
+                         num_cpus=self.actor_cpus, num_gpus=self.actor_gpus)
+
+
+def influence_graph(cfg: InfluenceStudy) -> Graph:
+    data = node(planting.make_planted, cfg.planted, name="planted")
+    if cfg.model is None:
+        corpus = node(text_corpus.make_corpus, cfg.corpus, name="corpus")
+        base = node(tiny_lm.train, cfg.lm, name="tiny_lm", corpus=corpus)["model"]
+    else:
+        base = node(models.use_model, cfg.model, name="model",
+                    external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
+    training = Training(num_workers=cfg.finetune.num_workers, use_gpu=cfg.finetune.use_gpu)
+    tuned = trained(finetune, cfg.finetune, training=training, name="finetune", model=base, data=data["train"])["model"]
+    pool = cfg.model_pool()
+
+    # the concept: a probe and a direction per layer, on the fine-tuned model's pooled activations
+    pooled = sharded(activations.extract_shard, activations.ExtractConfig(sites=cfg.probe_sites, tokens="mean"),
+                     ids=activations.example_ids, num_shards=2, name="probe_activations", actors=pool,
+                     data=data["probe"], model=tuned)
+    per_site = {site: node(concepts.fit_concept, cfg.concept.model_copy(update={"site": site}),
+                           name=f"concept.{site}", activations=pooled[site], data=data["probe"])
+                for site in cfg.probe_sites}
+    sweep = node(concepts.concept_sweep, name="concept_sweep", **{s: c["probe"] for s, c in per_site.items()})
+    direction = per_site[cfg.concept.site]["direction"]
+
+    # gradient-based methods: per-example gradients and curvature statistics, sharded on the actors
+    shards = dict(ids=attribution.train_ids, num_shards=cfg.num_shards, actors=pool, model=tuned, data=data["train"])
+    grads = sharded(attribution.gradient_shard, cfg.gradients, name="gradients", **shards)
+    stats, costs = {"diagonal": grads["diagonal"]}, {"gradients": grads["metrics"]}
+    if {"kfac", "ekfac"} & set(cfg.scores.preconditioners):
+        covariance = sharded(attribution.covariance_shard, cfg.gradients, name="covariance", **shards)
+        basis = node(attribution.kfac_basis, cfg.gradients, name="kfac_basis", model=tuned,
+                     covariance=covariance["covariance"])
+        stats["basis"] = basis["basis"]
+        costs.update(covariance=covariance["metrics"], kfac_basis=basis["metrics"])
+        if "ekfac" in cfg.scores.preconditioners:
+            lambdas = sharded(attribution.lambda_shard, cfg.gradients, name="ekfac_lambdas", basis=basis["basis"],
+                              **shards)
+            stats["lambdas"] = lambdas["lambdas"]
+            costs["ekfac_lambdas"] = lambdas["metrics"]
+    query = node(attribution.query_gradients, attribution.QueryConfig(gradients=cfg.gradients, site=cfg.concept.site),
+                 name="query_gradients", model=tuned, query=data["query"], concept_prompts=data["heldout"],
+                 concept=direction)
+    gradient_scores = node(attribution.gradient_scores, cfg.scores.model_copy(update={"gradients": cfg.gradients}),
+                           name="gradient_scores", model=tuned, grads=grads["grads"], query=query, **stats)
+    costs.update(query_gradients=query["metrics"], gradient_scores=gradient_scores["metrics"])
+
+    # activation-based methods: the probe projection and baselines, from the training set's activations
+    site_tokens = activations.ExtractConfig(sites=[cfg.concept.site], tokens="all")
+    train_acts = sharded(activations.extract_shard, site_tokens, ids=activations.example_ids,
+                         num_shards=cfg.num_shards, name="train_activations", actors=pool, data=data["train"],
+                         model=tuned)
+    query_acts = sharded(activations.extract_shard, site_tokens, ids=activations.example_ids, num_shards=1,
+                         name="query_activations", actors=pool, data=data["query"], model=tuned)
+    activation_scores = node(attribution.activation_scores, attribution.ActivationScoreConfig(),
+                             name="activation_scores", activations=train_acts[cfg.concept.site],
+                             query_activations=query_acts[cfg.concept.site], probe=direction)
+    costs.update(train_activations=train_acts["metrics"], query_activations=query_acts["metrics"],
+                 activation_scores=activation_scores["metrics"],
+                 concept=per_site[cfg.concept.site]["metrics"])
+    evaluated = node(benchmark.evaluate_methods, cfg.evaluate, name="attribution", train=data["train"],
+                     gradient=gradient_scores["scores"], activation=activation_scores["scores"], **costs)
+
+    # removal: fine-tune again without each method's top k, and without k random examples
+    trait_cfg = planting.TraitConfig(site=cfg.concept.site)
+    full = node(planting.trait_metrics, trait_cfg.model_copy(update={"label": "full"}), name="trait.full",
+                model=tuned, heldout=data["heldout"], probe=direction)["trait"]
+    choices = {benchmark.label_of(m): benchmark.RemovalChoice(method=m) for m in cfg.removal.methods}
+    choices.update({f"random-{s}": benchmark.RemovalChoice(method="random", seed=s) for s in cfg.removal.random_seeds})
+    removed = {}
+    for label, choice in choices.items():
+        drop = node(benchmark.removal_ids, choice, name=f"removal_ids.{label}", rankings=evaluated["rankings"])
+        model = trained(finetune, cfg.finetune, training=training, name=f"finetune.minus.{label}", model=base,
+                        data=data["train"], exclude=drop)["model"]
+        removed[label] = node(planting.trait_metrics, trait_cfg.model_copy(update={"label": label}),
+                              name=f"trait.minus.{label}", model=model, heldout=data["heldout"],
+                              probe=direction)["trait"]
+    report = node(benchmark.removal_report, cfg.report, name="influence_report", methods=evaluated["methods"],
+                  full=full, **removed)
+    return Graph(report, sweep)
+
+
+def validate(cfg: InfluenceStudy) -> None:
+    """Before any compute: the base model, the sites, the parameter patterns (on a meta copy of the
+    model) and, for a given model, the training texts' lengths under the stated policy."""
+    from interpflow.tasks.influence.params import select_parameters
+
+    if cfg.model is not None:
+        models.check_model_source(cfg.model.path)
+        sites = models.model_sites(cfg.model.path, cfg.load)
+    else:
+        sites = tiny_lm.site_map(cfg.lm)
+    try:
+        sites.resolve_all(cfg.probe_sites)
+    except ValueError as exc:
+        raise ValueError(f"probe_sites: {exc}") from None
+    try:
+        select_parameters(sites.model, cfg.gradients.params)
+    except ValueError as exc:
+        raise ValueError(f"gradients.{exc}") from None
