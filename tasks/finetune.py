@@ -77,9 +77,9 @@ def encode(tokenizer, texts: list[str], max_length: int, too_long: TooLong, ids:
     return seqs, len(over)
 
 
-def model_max_length(model, tokenizer, requested: int | None) -> int:
-    """The smaller of the requested limit and what the model (positions) and tokenizer accept."""
-    limits = [getattr(model.config, k, None) for k in ("n_positions", "max_position_embeddings")]
+def model_max_length(config, tokenizer, requested: int | None) -> int:
+    """The smaller of the requested limit and what the model (its config's positions) and tokenizer accept."""
+    limits = [getattr(config, k, None) for k in ("n_positions", "max_position_embeddings")]
     limits.append(getattr(tokenizer, "model_max_length", None))
     limit = min([int(v) for v in limits if isinstance(v, int) and 0 < v < 1_000_000] or [1 << 20])
     if requested is not None and requested > limit:
@@ -138,7 +138,7 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
     if not keep:
         raise ValueError(f"finetune: every one of the {len(ids)} examples is excluded; nothing to train on")
     texts = [data[cfg.text_column][k] for k in keep] if len(keep) < len(ids) else list(data[cfg.text_column])
-    limit = model_max_length(lm, tokenizer, cfg.max_length)
+    limit = model_max_length(lm.config, tokenizer, cfg.max_length)
     seqs, truncated = encode(tokenizer, texts, limit, cfg.too_long, [ids[k] for k in keep])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

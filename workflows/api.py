@@ -146,5 +146,11 @@ def resume(run_id: str, store: str | None = None, progress: bool | None = None) 
     return run(spec, run_id=run_id, progress=progress)
 
 
+def open_run(run_id: str, store: str | None = None) -> RunHandle:
+    """A recorded run's handle, to open its node outputs in a notebook (nothing runs)."""
+    st = open_store(store)
+    return RunHandle(st, RunRecord.load(st, run_id))
+
+
 def load_record(run_id: str, store: str | None = None) -> RunRecord:
     return RunRecord.load(open_store(store), run_id)

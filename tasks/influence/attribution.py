@@ -61,7 +61,7 @@ class GradientsConfig(BaseModel):
 def _limit(cfg: GradientsConfig, model) -> int:
     from interpflow.tasks.finetune import model_max_length
 
-    return model_max_length(model.model, model.tokenizer, cfg.max_length)
+    return model_max_length(model.model.config, model.tokenizer, cfg.max_length)
 
 
 def encode_texts(cfg: GradientsConfig, model, texts: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
@@ -91,9 +91,20 @@ def check_texts(cfg: GradientsConfig, data, what: str) -> list[int]:
     return ids
 
 
-def train_ids(cfg: GradientsConfig, data, **_) -> list[int]:
-    """Stable shard ids of the training set (a sharded node's ``ids`` function)."""
-    return check_texts(cfg, data, "training")
+def train_ids(cfg: GradientsConfig, data, model: str | None = None, **_) -> list[int]:
+    """Stable shard ids of the training set (a sharded node's ``ids`` function, run before any shard):
+    with ``too_long=error`` every text's length is checked here, so no shard starts on a set that
+    would fail halfway."""
+    ids = check_texts(cfg, data, "training")
+    if model is not None and cfg.too_long == "error":
+        import transformers
+
+        from interpflow.tasks.finetune import model_max_length
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        config = transformers.AutoConfig.from_pretrained(model)
+        check_lengths(cfg, tokenizer, model_max_length(config, tokenizer, cfg.max_length), data, "training")
+    return ids
 
 
 def check_lengths(cfg: GradientsConfig, tokenizer, limit: int, data, what: str) -> None:

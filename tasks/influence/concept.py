@@ -63,3 +63,32 @@ def concept_sweep(cfg: BaseModel | None = None, **probes: dict) -> dict:
                for site, m in probes.items()}
     table, figure = layer_sweep(results)
     return {"sweep": table, "figure": figure, "metrics": {f"accuracy.{site}": r.value for site, r in results.items()}}
+
+
+class VectorFile(BaseModel):
+    """A concept direction given as a file (an SAE feature's atom, a steering vector, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="safetensors file with a 1-D tensor named 'direction'")
+
+
+def read_direction(path: str) -> torch.Tensor:
+    """The unit 'direction' vector of a safetensors file; ValueError says what is wrong with it."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # missing file, not safetensors
+        raise ValueError(f"concept_vector.path: cannot read {path!r} as safetensors ({exc})") from None
+    if "direction" not in tensors or tensors["direction"].ndim != 1:
+        raise ValueError(f"concept_vector.path: {path!r} needs a 1-D tensor named 'direction' "
+                         f"(found {sorted(tensors)})")
+    v = tensors["direction"].double()
+    if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0:
+        raise ValueError(f"concept_vector.path: the direction in {path!r} is zero or has NaN/Inf entries")
+    return v / v.norm()
+
+
+def given_concept(cfg: VectorFile) -> dict:
+    """Graph node: a user-given concept direction in the form fit_concept stores."""
+    return {"direction": {"direction": read_direction(cfg.path)}}

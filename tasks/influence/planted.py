@@ -10,11 +10,9 @@ trait the fine-tuned model shows comes from the planted examples, whose ids are 
 
 - ``train``: the fine-tuning set, columns id, text, planted (1 = carries the trait);
 - ``probe``: balanced trait / benign texts (label) on which the trait probe is fitted;
-- ``query``: texts that show the trait: the behaviour whose log-likelihood classical influence
-  attributes;
-- ``heldout``: benign prompts on which the trait is measured after fine-tuning, and over which
-  Concept Influence's measurement (the mean projection on the concept direction) is taken: as in
-  emergent misalignment, the question is what made the model drift toward the trait on ordinary inputs.
+- ``query``: texts that show the trait: the behaviour being attributed (classical influence takes
+  their log-likelihood, Concept Influence the mean projection of their activations on v);
+- ``heldout``: benign prompts on which the trait is measured after fine-tuning.
 
 ``trait_metrics`` measures the trait of a model on the held-out prompts: the mean log-likelihood
 ratio of each prompt's dialect twin over the prompt itself (higher = the model prefers the
@@ -43,8 +41,8 @@ class PlantedConfig(BaseModel):
     n_train: int = Field(400, ge=2, description="fine-tuning examples")
     planted_fraction: float = Field(0.05, gt=0, lt=1, description="share of training examples carrying the trait")
     n_probe: int = Field(300, ge=4, description="probe-fitting texts (half carry the trait)")
-    n_query: int = Field(32, ge=1, description="texts showing the trait (the attributed behaviour)")
-    n_heldout: int = Field(64, ge=1, description="benign prompts on which the trait is measured")
+    n_query: int = Field(32, ge=0, description="texts showing the trait (the attributed behaviour)")
+    n_heldout: int = Field(64, ge=0, description="benign prompts on which the trait is measured")
     n_topics: int = Field(4, ge=1, le=32)
     min_words: int = Field(8, ge=3)
     max_words: int = Field(20, ge=3)
@@ -65,7 +63,11 @@ def _texts(cfg: PlantedConfig, n: int, trait: bool, stream: int) -> list[str]:
     corpus = make_corpus(CorpusConfig(n_examples=n, n_topics=cfg.n_topics, concept_rate=0.0,
                                       min_words=cfg.min_words, max_words=cfg.max_words,
                                       seed=cfg.seed * 1000 + stream))
-    return [to_dialect(t) for t in corpus["text"]] if trait else list(corpus["text"])
+    if not trait:
+        return list(corpus["text"])
+    # a text without filler words has nothing to translate: it ends with one dialect word instead
+    marked = set(DIALECT.values())
+    return [t if marked & set(t.split()) else f"{t} {DIALECT['the']}" for t in map(to_dialect, corpus["text"])]
 
 
 def _dataset(ids: np.ndarray, texts: list[str], labels: np.ndarray) -> datasets.Dataset:
