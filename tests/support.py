@@ -36,3 +36,14 @@ def run_then_kill(spec: Path, cwd: Path, ready: Callable[[], bool], timeout: flo
         time.sleep(poll_s)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+
+
+def settled(count: Callable[[], int], quiet_s: float = 3.0) -> int:
+    """`count()` once it has stopped changing for `quiet_s` (a killed driver's workers may still commit)."""
+    seen, stable_since = -1, time.time()
+    while time.time() - stable_since < quiet_s:
+        now = count()
+        if now != seen:
+            seen, stable_since = now, time.time()
+        time.sleep(0.2)
+    return seen

@@ -6,12 +6,11 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from support import cli, run_then_kill, spec_file
+from support import cli, run_then_kill, settled, spec_file
 
 def _shard_manifests(store: Path) -> list[Path]:
     return sorted(store.glob("transform_shard/*/shard-*/_manifest.json"))
@@ -32,13 +31,7 @@ def test_sigkill_mid_shards_then_resume_runs_only_missing_shards(tmp_path):
     spec = spec_file(tmp_path / "a.yaml", store, **sections)
     run_then_kill(spec, tmp_path, lambda: len(_shard_manifests(store)) >= 4, timeout=240)
     # Workers share the driver's fate; wait until no further shard appears.
-    seen, stable_since = -1, time.time()
-    while time.time() - stable_since < 3:
-        now = len(_shard_manifests(store))
-        if now != seen:
-            seen, stable_since = now, time.time()
-        time.sleep(0.2)
-    committed = len(_shard_manifests(store))
+    committed = settled(lambda: len(_shard_manifests(store)))
     assert 4 <= committed < 20, committed
     (record,) = _records(store)
     assert record["status"] == "running"  # the killed driver never finished its record
