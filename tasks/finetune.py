@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interpflow.tasks.tiny_lm import Pretrained, loss_sum, pad_batch
+from interpflow.tasks.tiny_lm import Pretrained, clipped_step, loss_sum, pad_batch
 
 TooLong = Literal["truncate", "error"]
 
@@ -159,11 +159,7 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, cfg))
 
         def step_fn(loss: torch.Tensor) -> None:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            clipped_step(loss, lm.parameters(), opt, sched)
     module.train()
     device = next(module.parameters()).device
     rank, world = train.rank, train.world_size

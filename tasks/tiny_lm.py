@@ -130,6 +130,15 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return total, int((labels != -100).sum())
 
 
+def clipped_step(loss: torch.Tensor, params, opt: torch.optim.Optimizer, sched) -> None:
+    """One optimizer step on ``loss`` with gradients clipped to norm 1 and the schedule advanced."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 @torch.no_grad()
 def _mean_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> float:
     """Token-weighted mean next-token loss over ``seqs``."""
@@ -196,11 +205,7 @@ def train_tiny_lm(cfg: TinyLMConfig, corpus: datasets.Dataset) -> Pretrained:
         idx = rng.integers(0, len(seqs), size=cfg.batch_size)
         total, count = loss_sum(model, pad_batch([seqs[i] for i in idx], pad))
         loss = total / max(count, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        clipped_step(loss, model.parameters(), opt, sched)
     model.eval()
     final_loss = _mean_loss(model, eval_seqs, pad, cfg.batch_size)
     metrics = {"initial_loss": initial_loss, "final_loss": final_loss, "train_loss": float(loss.item()),

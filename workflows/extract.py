@@ -74,14 +74,19 @@ def extract_graph(cfg: ExtractStudy) -> Graph:
     return Graph(node(activations.report, cfg.report, name="report", activations=src.activations, data=src.data))
 
 
+def study_sites(model: models.ModelRef | None, lm: tiny_lm.TinyLMConfig, load: models.ModelConfig):
+    """The site map of a study's model (a given model, checked to exist, or the embedded tiny LM, on
+    `meta`), known before anything is trained or loaded."""
+    if model is not None:
+        models.check_model_source(model.path)
+        return models.model_sites(model.path, load)
+    return tiny_lm.site_map(lm)
+
+
 def site_widths(cfg: ActivationSource) -> dict[str, int]:
     """Input errors found before any compute (model source, site names, device and dtype, data
     columns); returns the width of every requested site."""
-    if cfg.model is not None:
-        models.check_model_source(cfg.model.path)
-        sites = models.model_sites(cfg.model.path, cfg.load)
-    else:
-        sites = tiny_lm.site_map(cfg.lm)
+    sites = study_sites(cfg.model, cfg.lm, cfg.load)
     try:
         resolved = sites.resolve_all(cfg.extract.sites)
     except ValueError as exc:

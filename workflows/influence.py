@@ -20,6 +20,7 @@ from interpflow.tasks.influence import concept as concepts
 from interpflow.tasks.influence import planted as planting
 from interpflow.workflows.engine import ActorPool, Graph, node, sharded, trained
 from interpflow.workflows.engine.training import Training
+from interpflow.workflows.extract import study_sites
 
 
 class RemovalConfig(BaseModel):
@@ -174,11 +175,7 @@ def validate(cfg: InfluenceStudy) -> None:
                         ("n_heldout", "trait-measurement set (held-out prompts)")):
         if getattr(cfg.planted, field) == 0:
             raise ValueError(f"planted.{field}=0: the {what} is empty; attribution needs at least one text there")
-    if cfg.model is not None:
-        models.check_model_source(cfg.model.path)
-        sites = models.model_sites(cfg.model.path, cfg.load)
-    else:
-        sites = tiny_lm.site_map(cfg.lm)
+    sites = study_sites(cfg.model, cfg.lm, cfg.load)
     try:
         resolved = sites.resolve_all(cfg.probe_sites)
     except ValueError as exc:
