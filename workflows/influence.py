@@ -26,7 +26,8 @@ from interpflow.workflows.extract import study_sites
 class RemovalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     methods: list[str] = Field(default_factory=lambda: ["concept_influence[ekfac]", "probe", "influence[ekfac]"],
-                               description="methods whose top k are removed before fine-tuning again")
+                               min_length=1, description="methods whose top k are removed before fine-tuning "
+                                                         "again (one fine-tune each); ['all'] = every scored method")
     random_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
                                     description="one random removal of k examples per seed")
 
@@ -59,19 +60,33 @@ class InfluenceStudy(BaseModel):
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)
 
+    def scored_methods(self) -> list[str]:
+        """Every method the study scores (the rows of the `attribution` table)."""
+        return [f"{m}[{p}]" for p in self.scores.preconditioners for m in ("influence", "concept_influence")] + [
+            "probe", "probe_cosine", "embedding_cosine", "random"]
+
+    def removal_methods(self) -> list[str]:
+        if self.removal.methods == ["all"]:
+            return [m for m in self.scored_methods() if m != "random"]
+        return list(self.removal.methods)
+
     @model_validator(mode="after")
     def _consistent(self) -> InfluenceStudy:
         if self.concept.site not in self.probe_sites:
             raise ValueError(f"concept.site={self.concept.site!r} is not in probe_sites {self.probe_sites}; "
                              "add it to probe_sites")
-        if self.report.concept_method not in self.removal.methods:
-            raise ValueError(f"report.concept_method={self.report.concept_method!r} must be one of "
-                             f"removal.methods {self.removal.methods}")
         strategies = {m[m.index("[") + 1:-1] for m in self.removal.methods + [self.report.concept_method] if "[" in m}
         missing = strategies - set(self.scores.preconditioners)
         if missing:
             raise ValueError(f"removal.methods use preconditioners {sorted(missing)} that scores.preconditioners "
                              f"{self.scores.preconditioners} does not compute; add them")
+        unknown = sorted(set(self.removal_methods()) - set(self.scored_methods()))
+        if unknown:
+            raise ValueError(f"removal.methods: {unknown} are not scored; choose from {self.scored_methods()} "
+                             "or ['all']")
+        if self.report.concept_method not in self.removal_methods():
+            raise ValueError(f"report.concept_method={self.report.concept_method!r} must be one of "
+                             f"removal.methods {self.removal.methods}")
         return self
 
     def model_pool(self) -> ActorPool:
@@ -149,7 +164,7 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
     trait_cfg = planting.TraitConfig(site=cfg.concept.site)
     full = node(planting.trait_metrics, trait_cfg.model_copy(update={"label": "full"}), name="trait.full",
                 model=tuned, heldout=data["heldout"], probe=direction)["trait"]
-    choices = {benchmark.label_of(m): benchmark.RemovalChoice(method=m) for m in cfg.removal.methods}
+    choices = {benchmark.label_of(m): benchmark.RemovalChoice(method=m) for m in cfg.removal_methods()}
     choices.update({f"random-{s}": benchmark.RemovalChoice(method="random", seed=s) for s in cfg.removal.random_seeds})
     removed = {}
     for label, choice in choices.items():
