@@ -101,22 +101,31 @@ def _jsonable(c):
     return c.item() if isinstance(c, np.generic) else c
 
 
-def _check(cfg: ProbeConfig, x, y) -> tuple[np.ndarray, np.ndarray]:
+def check_features(x, n_targets: int, target: str = "y") -> np.ndarray:
+    """``x`` as a finite float (n_examples, d) matrix with one row per target; the ValueError says
+    what is wrong (shape, row count, the first row with NaN/inf)."""
     x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y)
     if x.ndim != 2:
         raise ValueError(f"x must be a (n_examples, d) matrix, got shape {x.shape}")
+    if len(x) != n_targets:
+        raise ValueError(f"x has {len(x)} rows but {target} has {n_targets} entries; pass one target per row of x")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise ValueError(f"x has NaN/inf values in row {bad[0]} ({bad.size} bad rows in all); "
+                         "drop or fix those rows before probing")
+    return x
+
+
+def _check(cfg: ProbeConfig, x, y) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y)
+    if np.ndim(x) != 2:
+        raise ValueError(f"x must be a (n_examples, d) matrix, got shape {np.shape(x)}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
         raise ValueError(f"y must hold one {'label' if cfg.kind == 'logistic' else 'scalar'} per example "
                          f"(shape (n,)), got shape {y.shape}")
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} rows but y has {len(y)} entries; pass one target per row of x")
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if bad.size:
-        raise ValueError(f"x has NaN/inf values in row {bad[0]} ({bad.size} bad rows in all); "
-                         "drop or fix those rows before probing")
+    x = check_features(x, len(y))
     if cfg.kind != "logistic":
         try:
             y = y.astype(np.float64)
