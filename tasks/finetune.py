@@ -137,7 +137,8 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
     keep = [k for k, i in enumerate(ids) if i not in dropped]
     if not keep:
         raise ValueError(f"finetune: every one of the {len(ids)} examples is excluded; nothing to train on")
-    texts = [data[cfg.text_column][k] for k in keep] if len(keep) < len(ids) else list(data[cfg.text_column])
+    all_texts = list(data[cfg.text_column])
+    texts = [all_texts[k] for k in keep]
     limit = model_max_length(lm.config, tokenizer, cfg.max_length)
     seqs, truncated = encode(tokenizer, texts, limit, cfg.too_long, [ids[k] for k in keep])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -3,6 +3,7 @@ resume, concept directions, token-row regrouping, method evaluation and removal 
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -80,7 +81,7 @@ def test_concept_direction_points_from_label_0_to_1_and_user_vectors_are_checked
                                   "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), 8)}))
     data = {"id": list(range(100)), "label": y.tolist()}
     for kind in ("mean_difference", "probe"):
-        out = fit_concept(ConceptConfig(direction=kind), rows, _Columns(data))
+        out = fit_concept(ConceptConfig(direction=kind), rows, datasets.Dataset.from_dict(data))
         v = out["direction"]["direction"].numpy()
         assert abs(np.linalg.norm(v) - 1) < 1e-9 and v[2] > 0.9, kind
         assert out["metrics"]["probe_accuracy"] > 0.9
@@ -91,16 +92,6 @@ def test_concept_direction_points_from_label_0_to_1_and_user_vectors_are_checked
         read_direction(str(tmp_path / "zero.safetensors"))
     with pytest.raises(ValueError, match="cannot read"):
         read_direction(str(tmp_path / "missing.safetensors"))
-
-
-class _Columns:
-    """The two columns fit_concept reads, as a datasets.Dataset would give them."""
-
-    def __init__(self, columns: dict):
-        self.columns = columns
-
-    def __getitem__(self, key):
-        return self.columns[key]
 
 
 def test_token_rows_regroup_into_padded_examples_in_position_order():

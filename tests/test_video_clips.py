@@ -107,12 +107,18 @@ def test_wrap_is_position_balanced_and_fills_ranges(default_clips):
     assert accel.max() <= cfg.max_accel and accel[accel > 0].min() >= cfg.max_accel / 4
 
 
-def test_walls_keep_the_ball_inside_and_bounce_elastically():
-    cfg = ClipConfig(n_clips=500, world="walls", frames=16, accel_rate=0.0)
+def _walls_inside(cfg: ClipConfig):
+    """Clips of a walls world, their positions, and the centre's bounds, checked never to be left."""
     data = make_clips(cfg)
     pos = column(data, "positions").astype(np.float64)
     lo, hi = cfg.radius, cfg.size - cfg.radius
     assert pos.min() >= lo - 1e-5 and pos.max() <= hi + 1e-5
+    return data, pos, lo, hi
+
+
+def test_walls_keep_the_ball_inside_and_bounce_elastically():
+    cfg = ClipConfig(n_clips=500, world="walls", frames=16, accel_rate=0.0)
+    data, pos, lo, hi = _walls_inside(cfg)
     # without acceleration the exact answer is the straight line folded into [lo, hi]
     t = np.arange(cfg.frames)[None, :, None]
     free = np.stack([column(data, "x0"), column(data, "y0")], 1)[:, None] + \
@@ -126,10 +132,7 @@ def test_walls_keep_the_ball_inside_and_bounce_elastically():
 
 def test_walls_with_acceleration_stay_inside_and_follow_the_parabola_between_bounces():
     cfg = ClipConfig(n_clips=500, world="walls", frames=12, accel_rate=1.0)
-    data = make_clips(cfg)
-    pos = column(data, "positions").astype(np.float64)
-    lo, hi = cfg.radius, cfg.size - cfg.radius
-    assert pos.min() >= lo - 1e-5 and pos.max() <= hi + 1e-5
+    data, pos, lo, hi = _walls_inside(cfg)
     acc = np.stack([column(data, "ax"), column(data, "ay")], 1)[:, None]
     second = pos[:, 2:] - 2 * pos[:, 1:-1] + pos[:, :-2]
     # a frame step moves at most max_speed + max_accel * frames; farther than that from a wall, no bounce

@@ -34,9 +34,13 @@ class ActivationSource(BaseModel):
     actor_gpus: float = Field(0, ge=0, description="GPUs per actor")
 
     def model_pool(self) -> ActorPool:
-        """A pool of model actors that each load the study's model once."""
-        return ActorPool(setup=load, config=self.load, size=self.actors, setup_inputs=("model",), actor=ModelActor,
-                         num_cpus=self.actor_cpus, num_gpus=self.actor_gpus)
+        return model_actor_pool(self.load, self.actors, self.actor_cpus, self.actor_gpus)
+
+
+def model_actor_pool(load_cfg: models.ModelConfig, size: int, num_cpus: float, num_gpus: float) -> ActorPool:
+    """A pool of model actors that each load the study's model (the node's `model` input) once."""
+    return ActorPool(setup=load, config=load_cfg, size=size, setup_inputs=("model",), actor=ModelActor,
+                     num_cpus=num_cpus, num_gpus=num_gpus)
 
 
 class ExtractStudy(ActivationSource):

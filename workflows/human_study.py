@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from interpflow.actors.model import ModelActor, load
 from interpflow.tasks import models, text_corpus, tiny_lm
 from interpflow.tasks.study import AnalysisConfig, StudyConfig, analyse, participants
 from interpflow.tasks.study import rules, simulate
-from interpflow.workflows.engine import ActorPool, Graph, node, sharded
+from interpflow.workflows.engine import Graph, node, sharded
+from interpflow.workflows.extract import model_actor_pool
 
 
 class HumanStudy(BaseModel):
@@ -49,8 +49,7 @@ def human_study_graph(cfg: HumanStudy) -> Graph:
             ref = models.ModelRef(path=path)
             inputs["model"] = node(models.use_model, ref, name="model",
                                    external={"model": models.model_identity(ref.path, ref.revision)})
-        pool = ActorPool(setup=load, config=cfg.load, size=cfg.actors, setup_inputs=("model",), actor=ModelActor,
-                         num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
+        pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus)
     conversations = sharded(simulate.simulate_shard, sim, ids=simulate.participant_ids, num_shards=cfg.num_shards,
                             name="conversations", actors=pool, participants=people, **inputs)
     analysis = node(analyse, cfg.analysis, name="analysis", results=conversations["results"])

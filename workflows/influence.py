@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interpflow.actors.model import ModelActor, load
 from interpflow.tasks import activations, models, text_corpus, tiny_lm
 from interpflow.tasks.finetune import FinetuneConfig, finetune
 from interpflow.tasks.influence import attribution, benchmark
 from interpflow.tasks.influence import concept as concepts
 from interpflow.tasks.influence import planted as planting
-from interpflow.workflows.engine import ActorPool, Graph, node, sharded, trained
+from interpflow.workflows.engine import Graph, node, sharded, trained
 from interpflow.workflows.engine.training import Training
-from interpflow.workflows.extract import study_sites
+from interpflow.workflows.extract import model_actor_pool, study_sites
 
 
 class RemovalConfig(BaseModel):
@@ -89,10 +88,6 @@ class InfluenceStudy(BaseModel):
                              f"removal.methods {self.removal.methods}")
         return self
 
-    def model_pool(self) -> ActorPool:
-        return ActorPool(setup=load, config=self.load, size=self.actors, setup_inputs=("model",), actor=ModelActor,
-                         num_cpus=self.actor_cpus, num_gpus=self.actor_gpus)
-
 
 def influence_graph(cfg: InfluenceStudy) -> Graph:
     data = node(planting.make_planted, cfg.planted, name="planted")
@@ -104,7 +99,7 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
                     external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
     training = Training(num_workers=cfg.finetune.num_workers, use_gpu=cfg.finetune.use_gpu)
     tuned = trained(finetune, cfg.finetune, training=training, name="finetune", model=base, data=data["train"])["model"]
-    pool = cfg.model_pool()
+    pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus)
 
     # the concept: a probe and a direction per layer, on the fine-tuned model's pooled activations
     pooled = sharded(activations.extract_shard, activations.ExtractConfig(sites=cfg.probe_sites, tokens="mean"),

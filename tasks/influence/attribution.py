@@ -39,6 +39,7 @@ from interpflow.tasks.influence.scores import (
     embedding_similarity, influence, probe_scores, random_scores,
 )
 from interpflow.tasks.influence.task import CausalLMTask, ConceptTask
+from interpflow.tasks.tiny_lm import pad_batch
 
 
 class GradientsConfig(BaseModel):
@@ -68,13 +69,9 @@ def encode_texts(cfg: GradientsConfig, model, texts: list[str], ids: list[int]) 
     """A right-padded batch ``{id, input_ids, attention_mask}`` on the model's device."""
     seqs, _ = encode(model.tokenizer, texts, _limit(cfg, model), cfg.too_long, ids)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, s in enumerate(seqs):
-        input_ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return {"id": torch.tensor(ids, dtype=torch.long), "input_ids": input_ids.to(model.device),
-            "attention_mask": mask.to(model.device)}
+    batch = pad_batch(seqs, pad)
+    return {"id": torch.tensor(ids, dtype=torch.long), "input_ids": batch["input_ids"].to(model.device),
+            "attention_mask": batch["attention_mask"].to(model.device)}
 
 
 def check_texts(cfg: GradientsConfig, data, what: str) -> list[int]:
