@@ -1,6 +1,7 @@
 """Named activation sites on Hugging Face models, and capturing them with hooks.
 
-One readable scheme across architectures (GPT-2, Llama/Mistral/Qwen, BERT, ViT, VideoMAE):
+One readable scheme across architectures (GPT-2, Llama/Mistral/Qwen, BERT, ViT, VideoMAE, ViViT,
+TimeSformer):
 
     embed                       input to the first block (embeddings)
     blocks.3.resid_post         output of block 3 (the residual stream after it)
@@ -33,7 +34,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen3": {"blocks": ("layers",), "attn_proj": "self_attn.o_proj", "mlp": "mlp", "final_norm": ("norm",)},
     "bert": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense"},
     "vit": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense"},
-    "videomae": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense"},
+    "videomae": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense",
+                 "final_norm": ("layernorm",)},
+    "vivit": {"blocks": ("layers",), "attn_proj": "attention.o_proj", "mlp": "mlp"},
+    "timesformer": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense"},
 }
 
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|attn\.head\.(\d+))$")

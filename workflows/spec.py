@@ -35,6 +35,7 @@ WORKFLOWS: dict[str, str] = {
     "sae_bench": "interpflow.workflows.sae_bench:sae_bench_graph",
     "human_study": "interpflow.workflows.human_study:human_study_graph",
     "influence": "interpflow.workflows.influence:influence_graph",
+    "physics_probing": "interpflow.workflows.physics_probing:physics_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
