@@ -67,9 +67,9 @@ def readout_probes(cfg: ReadoutConfig, data, **activations) -> dict:
 
 
 def _fit_readout(kind: str, l2: float, x: np.ndarray, y: np.ndarray) -> dict:
-    """One probe on all of (x, y) (a token 1% split aside: fit_probe always holds some out); a 2-column
-    ridge target gets one ridge per column."""
-    probe = ProbeConfig(kind=kind, l2=l2, test_fraction=0.01)
+    """One probe on (nearly) all of (x, y): fit_probe always holds a few rows out; a 2-column ridge
+    target gets one ridge per column."""
+    probe = ProbeConfig(kind=kind, l2=l2, test_fraction=min(0.5, max(0.01, 2.0 / len(y))))
     columns = [y[:, j] for j in range(y.shape[1])] if kind == "ridge" and y.ndim == 2 else [y]
     fits = [fit_probe(probe, x, t) for t in columns]
     return {"kind": kind, "weight": np.vstack([f.weight for f in fits]).tolist(),
@@ -112,7 +112,8 @@ def _pooled_all(model, rows, sites: list[str], batch_size: int) -> tuple[dict[st
     pooled: dict[str, list] = {s: [] for s in sites}
     last = []
     for start in range(0, len(frames), batch_size):
-        px = torch.from_numpy(pixel_values(frames[start:start + batch_size], mean, std)).to(model.device)
+        px = torch.from_numpy(pixel_values(frames[start:start + batch_size], mean, std))
+        px = px.to(model.device, model.model.dtype)
         with torch.no_grad():
             captured = capture(model.model, resolved, stop_early=False, pixel_values=px)
         for s in sites:
@@ -289,14 +290,23 @@ def steering_shard(cfg: SteeringConfig, shard, model, data, readout: dict, geome
     def decode(delta: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         offset = {"value": None}
 
-        def hook(mod, args, output):
+        def shifted(value):
+            hidden = value[0] if isinstance(value, tuple) else value
+            hidden = hidden + offset["value"][:, None, :].to(hidden.device, hidden.dtype)
+            return (hidden, *value[1:]) if isinstance(value, tuple) else hidden
+
+        def output_hook(mod, args, output):
+            return None if offset["value"] is None else shifted(output)
+
+        def input_hook(mod, args, kwargs):       # "embed" is the input of block 0
             if offset["value"] is None:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden + offset["value"][:, None, :].to(hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            if args:
+                return (shifted(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": shifted(kwargs["hidden_states"])}
 
-        handle = module.register_forward_hook(hook)
+        handle = (module.register_forward_pre_hook(input_hook, with_kwargs=True) if resolved.side == "input"
+                  else module.register_forward_hook(output_hook))
         try:
             angles, heads = [], []
             for start in range(0, len(rows), cfg.batch_size):
