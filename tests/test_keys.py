@@ -84,3 +84,29 @@ def test_keys_are_stable_across_processes():
                            env={"PYTHONHASHSEED": str(seed), "PATH": ""}, check=True).stdout.strip()
             for seed in (1, 2)}
     assert outs == {plan_keys(demo_graph(DemoConfig()))["report"][0]}
+
+
+def test_a_name_only_assigned_to_is_no_dependency(tmp_path, monkeypatch):
+    """pydantic's `model_config = ...` in a config class must not pull in a module function `model_config`."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def load(body: int):
+        (tmp_path / "interpflow_assigned.py").write_text(textwrap.dedent(f'''
+            def model_config(x):
+                return x * {body}
+
+            class Config:
+                model_config = {{"extra": "forbid"}}
+
+            def task(cfg):
+                return Config()
+            '''))
+        sys.modules.pop("interpflow_assigned", None)
+        clear_source_cache()
+        module = importlib.import_module("interpflow_assigned")
+        for obj in (module.model_config, module.Config, module.task):
+            obj.__module__ = "interpflow.assigned"       # count as project code for transitive hashing
+        monkeypatch.setitem(sys.modules, "interpflow.assigned", module)
+        return module
+
+    assert source_hash(load(2).task) == source_hash(load(3).task)

@@ -172,6 +172,16 @@ def test_permute_by_group_moves_whole_blocks():
     assert not np.array_equal(permute_by_group(np.array([1, 2]), np.array([0, 1]), seed=0), [1, 2])
 
 
+def test_permuted_labels_keep_their_multiset_when_group_sizes_differ():
+    # a clip with an impossible twin is a 2-row group [1, 0]; other clips are 1-row groups [1]
+    groups = np.r_[np.arange(300), np.arange(100)]
+    y = np.r_[np.ones(300, int), np.zeros(100, int)]
+    out = permute_by_group(y, groups, seed=3)
+    assert sorted(out) == sorted(y) and not np.array_equal(out, y)   # the majority rate is unchanged
+    for g in range(100):                                              # twins stay a (possible, impossible) pair
+        assert sorted(out[groups == g]) == [0, 1]
+
+
 def test_emergence_rule():
     curve = [0.10, 0.12, 0.11, 0.13, 0.60, 0.80, 0.85, 0.70, 0.50]
     em = emergence(curve)

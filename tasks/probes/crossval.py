@@ -358,26 +358,41 @@ def cv_probe(cfg: CVConfig, x: np.ndarray, y: np.ndarray, groups: np.ndarray) ->
 
 
 def permute_by_group(y: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
-    """Labels moved between groups: group g's rows get the labels of group pi(g), pi a seeded permutation.
+    """Labels that carry no information about the rows' features but keep the groups' label structure.
 
-    Whole label blocks move, so labels that are constant (or ordered, e.g. along a trajectory) within a
-    group stay so. When pi(g) has a different row count its labels are resampled to g's length by
-    position (row j of n_g takes source row floor(j * n_src / n_g)). The identity permutation is
-    redrawn, so with >= 2 groups at least two groups trade labels.
+    Whole label blocks move between groups (group g's rows get the labels of group pi(g), pi a seeded
+    permutation), then the rows of each group are shuffled among themselves. Labels constant within
+    a group stay so. Groups trade only with groups of the same row count, so the labels' multiset is
+    kept exactly; the in-group shuffle is what breaks labels that vary inside a group (why both: a
+    clip with an impossible twin is a 2-row group [possible, impossible] beside 1-row groups that are
+    all possible; resampled across sizes the control holds fewer impossible labels and its accuracy
+    rises with the majority rate, and traded between pairs only it equals the real labels). Groups
+    whose row count no other group shares trade among themselves, resampled to their length by
+    position (row j of n_g takes source row floor(j * n_src / n_g)); a lone such group keeps its
+    labels. Identity permutations are redrawn, so with >= 2 groups at least two groups trade labels.
     """
     y, groups = np.asarray(y), np.asarray(groups)
     if groups.shape != (len(y),):
         raise ValueError(f"groups must be one id per row of y (shape ({len(y)},)), got shape {groups.shape}")
     ids, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(ids))]
+    sizes = np.array([len(m) for m in members])
+    shared = np.isin(sizes, np.flatnonzero(np.bincount(sizes) >= 2))
+    classes = [np.flatnonzero(sizes == n) for n in np.unique(sizes[shared])] + [np.flatnonzero(~shared)]
     rng = _rng(seed, _PERMUTE_STREAM, "seed")
-    perm = rng.permutation(len(ids))
-    while len(ids) > 1 and (perm == np.arange(len(ids))).all():
-        perm = rng.permutation(len(ids))
     out = y.copy()
-    for g, rows in enumerate(members):
-        src = members[perm[g]]
-        out[rows] = y[src[(np.arange(len(rows)) * len(src)) // len(rows)]]
+    for pool in classes:
+        if len(pool) < 2:
+            continue
+        perm = rng.permutation(len(pool))
+        while (perm == np.arange(len(pool))).all():
+            perm = rng.permutation(len(pool))
+        for g, src_g in zip(pool, pool[perm]):
+            rows, src = members[g], members[src_g]
+            out[rows] = y[src[(np.arange(len(rows)) * len(src)) // len(rows)]]
+    for rows in members:
+        if len(rows) > 1:
+            out[rows] = out[rows[rng.permutation(len(rows))]]
     return out
 
 

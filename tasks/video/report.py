@@ -10,8 +10,9 @@ from interpflow.tasks.video.probing import StudyScope
 class ReportConfig(StudyScope):
     occupancy_min: float = Field(0.1, description="patch decoding must correlate with ball occupancy at least "
                                                   "this much")
-    ablated_chance_max: float = Field(0.05, description="cross-frame ablation in every block must keep direction "
-                                                        "at most this at every layer")
+    chance_max: float = Field(0.05, description="a direction score at most this counts as chance: every patch at "
+                                                "the embedding output, and every layer under cross-frame "
+                                                "ablation in every block")
 
 
 def _fmt(value) -> str:
@@ -30,14 +31,14 @@ def physics_report(cfg: ReportConfig, depth: dict, geometry: dict, patches: dict
     checks = {
         "direction at chance at the embedding output (pooled)": depth.get("direction.chance_at_embed"),
         "direction at chance at the embedding output (every patch)":
-            float(patches["embed.max_patch_score"] <= cfg.ablated_chance_max),
+            float(patches["embed.max_patch_score"] <= cfg.chance_max),
         "direction decoded at some layer": depth.get("direction.decoded"),
         "shuffled-label control at chance": depth.get("direction.control_at_chance"),
         "patch decoding follows the ball": float(patches["occupancy_correlation"] >= cfg.occupancy_min),
     }
     ablated = ablation.get("cross_frame@all.direction.max_score")
     if ablated is not None:
-        checks["cross-frame ablation in every block keeps direction at chance"] = float(ablated <= cfg.ablated_chance_max)
+        checks["cross-frame ablation in every block keeps direction at chance"] = float(ablated <= cfg.chance_max)
     checks = {k: v for k, v in checks.items() if v is not None}
     metrics = {f"check.{i}": float(v) for i, v in enumerate(checks.values())}
     metrics["ground_truth_ok"] = float(all(v == 1.0 for v in checks.values()))

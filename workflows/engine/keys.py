@@ -80,7 +80,9 @@ def _referenced_objects(fn: Any, tree: ast.AST) -> list[Any]:
     found: list[Any] = []
     for node in ast.walk(tree):
         target = None
-        if isinstance(node, ast.Name):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            # a name assigned to (e.g. pydantic's `model_config = ...` in a class body) is no dependency,
+            # even where a project function of that name exists
             target = namespace.get(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             base = namespace.get(node.value.id)
