@@ -25,7 +25,8 @@ from interpflow.tasks.video.extract import (VideoExtractConfig, aligned, extract
                                             read_pooled, residual_sites)
 from interpflow.tasks.video.interventions import (AblationConfig, ReadoutConfig, SteeringConfig, ablation_conditions,
                                                   ablation_report, ablation_shard, readout_angle, readout_probes,
-                                                  readout_score, steering_report, steering_shard)
+                                                  readout_score, steering_report, steering_shard,
+                                                  steering_subspace)
 from interpflow.tasks.video.layout import TokenGrid, patch_occupancy
 from interpflow.tasks.video.model import Objective, VideoModel
 from interpflow.tasks.video.probing import DepthConfig, ProbeGrid, VariableProbe, depth_report, probe_variable
@@ -251,6 +252,23 @@ def test_direction_geometry_recovers_a_planted_ring(k):
     assert m["direction_vs_possible_angle_deg"] > 75
     with pytest.raises(ValueError, match="out of range"):
         direction_geometry(cfg.model_copy(update={"layer": 1}), {}, data, embed=_pooled_table(ids, x))
+
+
+def test_steering_subspace_is_the_planted_ring_at_the_zone_layer():
+    n = 1500
+    x, angles, planted = planted_ring(n, d=32, redundant_copies=1, noise=0.1, seed=3)
+    ids = np.arange(n)
+    data = datasets.Dataset.from_dict({"id": ids, "scene": ids, "direction": angles})
+    noise = np.random.default_rng(0).normal(size=(n, 32))
+    acts = {"embed": _pooled_table(ids, noise), "blocks.0.resid_post": _pooled_table(ids, x)}
+    cfg = SteeringConfig(sites=list(acts), variables=["direction"])
+    out = steering_subspace(cfg, {"direction.emergence_layer": 1, "direction.peak_layer": 1}, data, **acts)
+    assert out["metrics"]["layer"] == 1 and abs(out["metrics"]["dims"] - 4) <= 1
+    b = out["basis"]                                   # spans the planted copies, not the noise around them
+    assert np.linalg.norm(planted.T @ b[:, :2], axis=0).min() > 0.9
+    assert steering_subspace(cfg.model_copy(update={"layer": 0}), {}, data, **acts)["metrics"]["layer"] == 0
+    with pytest.raises(ValueError, match="steering.layer=2 is out of range"):
+        steering_subspace(cfg.model_copy(update={"layer": 2}), {}, data, **acts)
 
 
 def test_patch_decoding_follows_the_ball():
@@ -496,7 +514,9 @@ def test_physics_report_ground_truth_checks():
     good = physics_report(cfg, **_report_inputs())
     assert good["metrics"]["ground_truth_ok"] == 1.0
     assert len(good["summary"]["checks"]) == 6
-    assert [good["metrics"][f"check.{i}"] for i in range(6)] == [1.0] * 6
+    checks = [k for k in good["metrics"] if k.startswith("check.")]
+    assert len(checks) == 6 and "check.cross_frame_ablation_chance" in checks
+    assert [good["metrics"][k] for k in checks] == [1.0] * 6
     assert good["metrics"]["direction.peak_layer"] == 2 and good["metrics"]["direction.emergence_layer"] == 1
     assert any("2: 85" in line for line in good["summary"]["lines"])
     assert isinstance(good["figure"], plt.Figure)
@@ -505,7 +525,7 @@ def test_physics_report_ground_truth_checks():
                    {"ablation:cross_frame@all.direction.max_score": 0.5}, {"depth:direction.decoded": 0.0}):
         bad = physics_report(cfg, **_report_inputs(**change))
         assert bad["metrics"]["ground_truth_ok"] == 0.0, change
-        assert sum(bad["metrics"][f"check.{i}"] for i in range(6)) == 5.0, change
+        assert sum(bad["metrics"][k] for k in checks) == 5.0, change
     # A check a run cannot show (no cross-frame@all ablation) is left out, not failed.
     partial = physics_report(cfg, **_report_inputs(**{"ablation:cross_frame@all.direction.max_score": None}))
     assert partial["metrics"]["ground_truth_ok"] == 1.0 and len(partial["summary"]["checks"]) == 5

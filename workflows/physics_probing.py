@@ -17,7 +17,8 @@ Methods, as the graph runs them:
  7. Patch decoding: per-patch direction probes and their agreement with where the ball is.
  8. Attention ablations one block at a time (all, cross-frame, local) and cross-frame in every block:
     the drop of fixed readout probes and of the model's own objective.
- 9. Steering along 1, 2, 4, ... dimensions of the direction subspace at the zone layer.
+ 9. Steering along 1, 2, 4, ... dimensions of the direction subspace at the zone layer (or
+    ``steering.layer``), read out at the last layer.
 10. A one-page report.
 """
 
@@ -144,10 +145,12 @@ def physics_graph(cfg: PhysicsProbingStudy) -> Graph:
                         actors=pool, model=model, data=clips, readout=readout["readout"])
     ablation = node(interventions.ablation_report, ablation_cfg, name="ablation_report", scores=ablations["scores"])
     steering_cfg = cfg.steering.model_copy(update=scope)
+    subspace = node(interventions.steering_subspace, steering_cfg, name="steering_subspace", depth=depth["metrics"],
+                    data=clips, **pooled)
     steered = sharded(interventions.steering_shard, steering_cfg, ids=interventions.steering_dims,
                       num_shards=len(interventions.steering_dims(steering_cfg)), name="steering", actors=pool,
-                      model=model, data=clips, readout=readout["readout"], geometry=geometry["metrics"],
-                      basis=geometry["basis"], **pooled)
+                      model=model, data=clips, readout=readout["readout"], subspace=subspace["metrics"],
+                      basis=subspace["basis"], **pooled)
     steering = node(interventions.steering_report, steering_cfg, name="steering_report", rotation=steered["rotation"])
     report = node(physics_report, cfg.report.model_copy(update=scope), name="physics_report",
                   depth=depth["metrics"], geometry=geometry["metrics"], patches=patches["metrics"],
@@ -166,7 +169,8 @@ def validate(cfg: PhysicsProbingStudy) -> None:
     except ValueError as exc:
         raise ValueError(f"model: {exc}") from None
     n_layers = config.num_hidden_layers + 1
-    for field, layer in (("geometry.layer", cfg.geometry.layer), ("patches.layer", cfg.patches.layer)):
+    for field, layer in (("geometry.layer", cfg.geometry.layer), ("patches.layer", cfg.patches.layer),
+                         ("steering.layer", cfg.steering.layer)):
         if layer is not None and not 0 <= layer < n_layers:
             raise ValueError(f"{field}={layer} is out of range: the model has layers 0..{n_layers - 1} "
                              f"(0 = embedding output, i = after block i-1)")

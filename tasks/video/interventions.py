@@ -247,6 +247,9 @@ def ablation_report(cfg: AblationConfig, scores) -> dict:
 # ------------------------------------------------------------------------------------------ steering
 
 class SteeringConfig(StudyScope):
+    layer: int | None = Field(None, description="layer index steered (0 = embedding output); None: the zone "
+                                                "layer, where direction emerges")
+    max_dims: int = Field(32, ge=1, description="cap on the direction subspace found by orthogonal probes")
     dims: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1,
                             description="subspace sizes k (the first k dimensions of the direction subspace; "
                                         "sizes beyond it are capped)")
@@ -259,16 +262,31 @@ def steering_dims(cfg: SteeringConfig, **_) -> list[int]:
     return sorted(set(cfg.dims))
 
 
+def steering_subspace(cfg: SteeringConfig, depth: dict, data, **activations) -> dict:
+    """Graph node: the direction subspace at the steered layer (orthogonal circular probes, in the order
+    found: the first two columns are the first probe's sin and cos readouts)."""
+    from interpflow.tasks.probes.geometry import orthogonal_probe_dimensionality
+    from interpflow.tasks.video.zone import zone_layer
+
+    layer = zone_layer(depth, cfg.layer)
+    if not 0 <= layer < len(cfg.sites):
+        raise ValueError(f"steering.layer={layer} is out of range: the model has layers 0..{len(cfg.sites) - 1}")
+    ids, x = read_pooled(activations[cfg.sites[layer]])
+    theta = column(data.select(aligned(data, ids)), "direction")
+    found = orthogonal_probe_dimensionality(x, theta, "circular", max_dims=cfg.max_dims)
+    return {"basis": found["basis"], "metrics": {"layer": layer, "dims": found["dims"]}}
+
+
 def _class_means(x: np.ndarray, theta: np.ndarray, bins: int) -> np.ndarray:
     which = np.floor((theta + np.pi) / (2 * np.pi) * bins).astype(int) % bins
     return np.stack([x[which == b].mean(0) if (which == b).any() else x.mean(0) for b in range(bins)])
 
 
-def steering_shard(cfg: SteeringConfig, shard, model, data, readout: dict, geometry: dict, basis: np.ndarray,
+def steering_shard(cfg: SteeringConfig, shard, model, data, readout: dict, subspace: dict, basis: np.ndarray,
                    **activations) -> dict:
     """Rotation of the decoded direction (last layer readout, and the model's own head) for each k."""
     sites = cfg.sites
-    layer = int(geometry["layer"])
+    layer = int(subspace["layer"])
     site = sites[layer]
     ids, x = read_pooled(activations[site])
     theta = column(data.select(aligned(data, ids)), "direction")

@@ -28,20 +28,23 @@ def physics_report(cfg: ReportConfig, depth: dict, geometry: dict, patches: dict
     import matplotlib.pyplot as plt
 
     sites = cfg.sites
-    checks = {
-        "direction at chance at the embedding output (pooled)": depth.get("direction.chance_at_embed"),
-        "direction at chance at the embedding output (every patch)":
-            float(patches["embed.max_patch_score"] <= cfg.chance_max),
-        "direction decoded at some layer": depth.get("direction.decoded"),
-        "shuffled-label control at chance": depth.get("direction.control_at_chance"),
-        "patch decoding follows the ball": float(patches["occupancy_correlation"] >= cfg.occupancy_min),
+    checks = {   # metric name: (what it shows, passed)
+        "embed_pooled_chance": ("direction at chance at the embedding output (pooled)",
+                                depth.get("direction.chance_at_embed")),
+        "embed_patches_chance": ("direction at chance at the embedding output (every patch)",
+                                 float(patches["embed.max_patch_score"] <= cfg.chance_max)),
+        "direction_decoded": ("direction decoded at some layer", depth.get("direction.decoded")),
+        "control_chance": ("shuffled-label control at chance", depth.get("direction.control_at_chance")),
+        "patches_follow_ball": ("patch decoding follows the ball",
+                                float(patches["occupancy_correlation"] >= cfg.occupancy_min)),
     }
     ablated = ablation.get("cross_frame@all.direction.max_score")
     if ablated is not None:
-        checks["cross-frame ablation in every block keeps direction at chance"] = float(ablated <= cfg.chance_max)
-    checks = {k: v for k, v in checks.items() if v is not None}
-    metrics = {f"check.{i}": float(v) for i, v in enumerate(checks.values())}
-    metrics["ground_truth_ok"] = float(all(v == 1.0 for v in checks.values()))
+        checks["cross_frame_ablation_chance"] = ("cross-frame ablation in every block keeps direction at chance",
+                                                 float(ablated <= cfg.chance_max))
+    checks = {k: v for k, v in checks.items() if v[1] is not None}
+    metrics = {f"check.{k}": float(passed) for k, (_, passed) in checks.items()}
+    metrics["ground_truth_ok"] = float(all(passed == 1.0 for _, passed in checks.values()))
     peak = int(depth["direction.peak_layer"]) if "direction.peak_layer" in depth else None
     emerged = int(depth.get("direction.emergence_layer", -1))
     metrics.update({"direction.peak_layer": peak if peak is not None else -1, "direction.emergence_layer": emerged})
@@ -64,7 +67,8 @@ def physics_report(cfg: ReportConfig, depth: dict, geometry: dict, patches: dict
     rotations = sorted(((int(k[1:].split('.')[0]), v) for k, v in steering.items()
                         if k.endswith(".probe_rotation_deg")))
     lines.append("steering (k dims -> decoded rotation, deg): " + ", ".join(f"{k}: {v:.0f}" for k, v in rotations))
-    lines += ["", "checks:"] + [f"  [{'x' if v == 1.0 else ' '}] {name}" for name, v in checks.items()]
+    lines += ["", "checks:"] + [f"  [{'x' if passed == 1.0 else ' '}] {what}" for what, passed in checks.values()]
     fig = plt.figure(figsize=(8.5, 0.22 * len(lines) + 0.8))
     fig.text(0.02, 0.98, "\n".join(lines), va="top", family="monospace", fontsize=7.5)
-    return {"figure": fig, "summary": {"lines": lines, "checks": checks}, "metrics": metrics}
+    return {"figure": fig, "summary": {"lines": lines, "checks": {what: passed for what, passed in checks.values()}},
+            "metrics": metrics}
