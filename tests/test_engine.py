@@ -40,6 +40,9 @@ def test_second_run_is_all_cache_hits_and_executes_nothing(settings):
     assert len(runs) == 5 and {r.data.tags["interpflow.cache_hit"] for r in runs.values()} == {"true"}
     assert {r.data.tags["interpflow.produced_by_run"] for r in runs.values()} == {first.run_id}
     assert second.table("transform_shard").equals(first.table("transform_shard"))
+    client = MlflowClient(settings.tracking_uri)              # a cache hit's run shows the node's figure too
+    assert [a.path for a in client.list_artifacts(runs["histogram"].info.run_id, "figures")] == \
+        ["figures/histogram.png"]
 
 
 def test_config_change_reruns_node_and_descendants_and_explain_names_it(settings):

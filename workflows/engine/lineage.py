@@ -193,6 +193,15 @@ def log_node_outputs(tracking_uri: str | None, run_id: str, store, directory: st
             RunTag(f"{TAG}rows", str(manifest.get("rows", 0))),
             RunTag(f"{TAG}bytes", str(manifest.get("bytes", 0)))]
     _retry(client.log_batch, run_id, metrics=metrics, tags=tags)
+    log_figures(tracking_uri, run_id, store, directory, manifest)
+
+
+def log_figures(tracking_uri: str | None, run_id: str, store, directory: str, manifest: dict) -> None:
+    """A node's figures into its MLflow run: by the worker that made them, and again by the driver for
+    a cache hit, so every run shows every figure (also when the producing driver was killed first)."""
+    if not tracking_uri:
+        return
+    client = _client(tracking_uri)
     for name, out in manifest.get("outputs", {}).items():
         if out["kind"] == "figure":
             _retry(client.log_artifact, run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")

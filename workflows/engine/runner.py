@@ -22,7 +22,7 @@ from typing import Any
 from interpflow.workflows.engine.execute import InputRef, Job, execute_job, plan_ids
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
 from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
-from interpflow.workflows.engine.lineage import Lineage
+from interpflow.workflows.engine.lineage import Lineage, log_figures
 from interpflow.workflows.engine.record import RunRecord
 from interpflow.workflows.engine.settings import RunSettings
 from interpflow.workflows.engine.store import CorruptArtifact, Store, content_digest
@@ -212,6 +212,8 @@ class Runner:
             if n.is_sharded:
                 state["shards"].update(total=len(manifest["shards"]), cached=len(manifest["shards"]))
             self._open_lineage(n, True, manifest.get("produced_by"))
+            if self.lineage is not None and state["mlflow_run_id"]:
+                log_figures(self.lineage.uri, state["mlflow_run_id"], self.store, directory, manifest)
             self._close_lineage(n.name, manifest.get("metrics"), {"output_uri": state["output_uri"]})
             self._advance()
             return
