@@ -13,11 +13,11 @@ class FlakyServer:
     """An OpenAI-compatible stub on 127.0.0.1: fails with 500 or 429 (Retry-After: 0) at set rates drawn from a
     seeded RNG, otherwise answers a canned completion. `key`: the Bearer key it accepts (None: any).
     `status`: answer every request with this status (and echo the request's Authorization header).
-    `content`: the completion's text; `delay_s`: seconds each answer takes; `revoke_after`: the key stops
+    `content`: the completion's text (a list: the answers in turn, cycling); `delay_s`: seconds each answer takes; `revoke_after`: the key stops
     working after this many answered requests (401 from then on)."""
 
     def __init__(self, p500: float = 0.0, p429: float = 0.0, seed: int = 0, key: str | None = None,
-                 status: int | None = None, content: str = "Because.", delay_s: float = 0.0,
+                 status: int | None = None, content: str | list[str] = "Because.", delay_s: float = 0.0,
                  revoke_after: int | None = None):
         self.p500, self.p429, self.key, self.status = p500, p429, key, status
         self.content, self.delay_s, self.revoke_after = content, delay_s, revoke_after
@@ -60,7 +60,9 @@ class FlakyServer:
                 time.sleep(outer.delay_s)
                 with outer.lock:
                     outer.answered += 1
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": outer.content},
+                    answers = [outer.content] if isinstance(outer.content, str) else outer.content
+                    content = answers[(outer.answered - 1) % len(answers)]
+                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                               "finish_reason": "stop"}],
                                  "usage": {"prompt_tokens": len(words), "completion_tokens": 2}})
 

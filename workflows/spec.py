@@ -36,6 +36,7 @@ WORKFLOWS: dict[str, str] = {
     "human_study": "interpflow.workflows.human_study:human_study_graph",
     "influence": "interpflow.workflows.influence:influence_graph",
     "physics_probing": "interpflow.workflows.physics_probing:physics_graph",
+    "persuasion": "interpflow.workflows.persuasion:persuasion_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
