@@ -28,6 +28,17 @@ from interpflow.tasks.tiny_lm import Pretrained, clipped_step, loss_sum, pad_bat
 TooLong = Literal["truncate", "error"]
 
 
+class LoraSettings(BaseModel):
+    """Low-rank adapters (``peft``) trained in place of the full weights, merged into them on save."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator (the update is alpha / r * B A)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="module names adapted (None: peft's default for "
+                                                                "the architecture, e.g. c_attn for GPT-2)")
+
+
 class FinetuneConfig(BaseModel):
     """One fine-tuning run: optimisation, data columns, checkpointing and the distribution strategy."""
 
@@ -44,6 +55,9 @@ class FinetuneConfig(BaseModel):
     text_column: str = "text"
     id_column: str = "id"
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (resume points)")
+    method: Literal["full", "lora"] = Field("full", description="train every weight, or LoRA adapters (merged "
+                                                                "into the weights when the model is saved)")
+    lora: LoraSettings = LoraSettings()
     strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp, or deepspeed with ZeRO zero_stage")
     zero_stage: int = Field(0, ge=0, le=2, description="DeepSpeed ZeRO stage 0-2 (strategy=deepspeed); stage 3 "
                                                        "partitions the weights themselves, which saving does not gather")
@@ -143,8 +157,10 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
     seqs, truncated = encode(tokenizer, texts, limit, cfg.too_long, [ids[k] for k in keep])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    named = dict(lm.named_parameters())
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.method == "lora":
+        lm = with_lora(lm, cfg.lora)
+    named = {k: p for k, p in lm.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = train.restore()
     start = 0
     if state is not None:
@@ -160,7 +176,7 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + start, cfg))
 
         def step_fn(loss: torch.Tensor) -> None:
-            clipped_step(loss, lm.parameters(), opt, sched)
+            clipped_step(loss, list(named.values()), opt, sched)
     module.train()
     device = next(module.parameters()).device
     rank, world = train.rank, train.world_size
@@ -174,7 +190,7 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             # parameters, not state_dict: tied weights (embeddings / LM head) appear once
-            snapshot = {f"param.{k}": v.detach() for k, v in module.named_parameters()}
+            snapshot = {f"param.{k}": v.detach() for k, v in module.named_parameters() if v.requires_grad}
             if cfg.strategy == "ddp":
                 snapshot.update(_adam_state(opt, named))
             train.report(done, {"train_loss": float(loss.detach())}, state=snapshot)
@@ -182,7 +198,22 @@ def finetune(cfg: FinetuneConfig, train, model: str, data, exclude: list | None 
     metrics = {"train_loss": float(loss.detach()), "examples": len(seqs), "excluded": len(ids) - len(keep),
                "truncated": truncated, "steps": cfg.steps, "resumed_from_step": start,
                "world_size": world, "train_s": time.perf_counter() - started}
+    if cfg.method == "lora":
+        metrics["trainable_params"] = sum(p.numel() for p in named.values())
+        module = module.merge_and_unload()     # a plain model: loads with from_pretrained, no peft needed
     return {"model": Pretrained(module.cpu(), tokenizer, metrics), "metrics": metrics}
+
+
+def with_lora(lm, cfg: LoraSettings):
+    """``lm`` with LoRA adapters on ``cfg.target_modules``; only the adapters require gradients."""
+    import peft
+
+    config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(lm, config)
+    except ValueError as exc:
+        raise ValueError(f"finetune.lora: {exc}") from None
 
 
 def _deepspeed_engine(cfg: FinetuneConfig, lm, opt, train, start: int):

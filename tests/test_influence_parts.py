@@ -60,6 +60,29 @@ def test_finetune_resumes_exactly_and_leaves_out_excluded_ids(base_lm):
         finetune(cfg, LocalTrainContext(), base_lm, data, exclude=list(range(80)))
 
 
+def test_lora_trains_only_adapters_resumes_exactly_and_merges_into_a_plain_model(base_lm):
+    import transformers
+
+    data = planted.make_planted(planted.PlantedConfig(n_train=80, n_probe=4, n_query=1, n_heldout=1))["train"]
+    cfg = FinetuneConfig(steps=12, batch_size=8, checkpoint_every=4, method="lora", lr=1e-2,
+                         lora={"r": 4, "target_modules": ["c_attn"]})
+    whole = LocalTrainContext()
+    tuned = finetune(cfg, whole, base_lm, data)
+    assert all(k.startswith("param.") and "lora_" in k for k in whole.checkpoints[0] if k.startswith("param."))
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_lm).state_dict()
+    merged = tuned["model"].model.state_dict()
+    assert set(merged) == set(base)                                      # merged: no adapter left
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith("attn.c_attn.weight") for k in changed)
+    assert tuned["metrics"]["trainable_params"] == 2 * 4 * (64 + 3 * 64)      # r x (in + out) in each of 2 blocks
+    resumed = finetune(cfg, LocalTrainContext(resume_from=whole.checkpoints[0]), base_lm, data)
+    again = resumed["model"].model.state_dict()
+    assert all(torch.allclose(merged[k], again[k], atol=1e-6) for k in merged)
+    with pytest.raises(ValueError, match="finetune.lora"):
+        finetune(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": ["nope"]})}),
+                 LocalTrainContext(), base_lm, data)
+
+
 def test_too_long_training_text_is_an_error_naming_the_id_or_is_truncated_and_counted(base_lm):
     data = planted.make_planted(planted.PlantedConfig(n_train=20, n_probe=4, n_query=1, n_heldout=1))["train"]
     strict = FinetuneConfig(steps=1, batch_size=2, max_length=6, too_long="error")

@@ -23,6 +23,7 @@ os.environ["PERSUASION_KEY"] = KEY      # Ray workers inherit it when the local 
 
 SMALL = {
     "workflow": "persuasion",
+    "lm": {"threads": 2},          # the LM trains first and alone: let it use both cores
     "steering": {"coefficients": [4, 8], "traits": ["persuasive"], "random_seeds": [0]},
     "sft": {"conditions": {"benign_persuasion": ["benign_opinion", "benign_factual"]}, "seeds": [0]},
     "ape": {"statements_per_category": 4},

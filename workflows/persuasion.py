@@ -247,6 +247,11 @@ def validate(cfg: PersuasionStudy) -> None:
         if not os.environ.get(name):
             raise ValueError(f"api_key_env: the environment variable {name} is not set; export it before running "
                              "(the key is read from the environment and never logged)")
+    extracted = [t for t in cfg.steered_traits() + cfg.random_traits() if t.name not in cfg.persona_vectors]
+    unmarked = sorted({t.name for t in extracted if not t.markers})
+    if cfg.persona.judge.kind == "marker" and unmarked:
+        raise ValueError(f"traits {unmarked} have no markers for the marker judge (persona.judge.kind=marker); give "
+                         "each its markers, or judge with an LLM endpoint (persona.judge.kind=endpoint)")
     if cfg.evaluator.kind == "marker" and not (cfg.evaluator.markers or cfg.attempt_markers()):
         raise ValueError("evaluator: the marker evaluator needs attempt phrases: set evaluator.markers or mark a "
                          "trait persuasion_related with markers")

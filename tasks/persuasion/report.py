@@ -148,17 +148,14 @@ def _plot_attempts(cfg: ReportConfig, cells: list[dict]):
             ax = axes[i][j]
             here = [c for c in cells if c["prompt"] == prompt and c["category"] == category]
             base = next((c for c in here if c["route"] == "base"), None)
-            curves = sorted({(c["route"], c["trait"], c["layer"]) for c in here if c["route"] in ("steer", "random")},
-                            key=str)
-            for k, (route, trait, layer) in enumerate(curves):
+            for k, curve in enumerate(_curves(here)):
                 points = sorted((c["coef"], c["attempt_rate"], c["ci_low"], c["ci_high"]) for c in here
-                                if (c["route"], c["trait"], c["layer"]) == (route, trait, layer))
+                                if _curve_of(c) == curve)
                 if base is not None:
                     points = [(0.0, base["attempt_rate"], base["ci_low"], base["ci_high"])] + points
                 x, y, lo, hi = map(np.array, zip(*points))
-                style = "--" if route == "random" else "-"
-                ax.plot(x, y, style, marker="o", ms=3, color=colors[k % len(colors)],
-                        label=f"{'random ' if route == 'random' else ''}{trait} L{layer}")
+                ax.plot(x, y, "--" if curve[0] == "random" else "-", marker="o", ms=3, color=colors[k % len(colors)],
+                        label=_curve_label(curve))
                 ax.fill_between(x, lo, hi, color=colors[k % len(colors)], alpha=0.12)
             for k, sft in enumerate(sorted({c["sft"] for c in here if c["route"] == "sft"})):
                 rate = np.mean([c["attempt_rate"] for c in here if c["route"] == "sft" and c["sft"] == sft])
@@ -171,39 +168,50 @@ def _plot_attempts(cfg: ReportConfig, cells: list[dict]):
             if i == len(prompts) - 1:
                 ax.set_xlabel("steering coefficient", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.03 * (len(labels) // 4)))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     evaluator = cells[0]["evaluator"] if cells else ""
     fig.suptitle(f"Attempt to persuade, by steering coefficient (evaluator: {evaluator})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
-def _plot_coherence(cells: list[dict]):
+def _plot_coherence(cfg: ReportConfig, cells: list[dict]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    pooled = [c for c in cells if c["category"] == ALL]
-    base = [c for c in pooled if c["route"] == "base"]
-    for route, trait, layer in sorted({(c["route"], c["trait"], c["layer"]) for c in pooled
-                                       if c["route"] in ("steer", "random")}, key=str):
-        points = sorted((c["coef"], c["perplexity"], c["belief_shift"]) for c in pooled
-                        if (c["route"], c["trait"], c["layer"]) == (route, trait, layer))
-        points = [(0.0, np.mean([b["perplexity"] for b in base]), np.mean([b["belief_shift"] for b in base]))] \
-            + points if base else points
+    pooled = [c for c in cells if c["category"] == ALL and c["prompt"] == cfg.check_prompt]
+    base = next((c for c in pooled if c["route"] == "base"), None)
+    for curve in _curves(pooled):
+        points = sorted((c["coef"], c["perplexity"], c["belief_shift"]) for c in pooled if _curve_of(c) == curve)
+        if base is not None:
+            points = [(0.0, base["perplexity"], base["belief_shift"])] + points
         x, ppl, shift = map(np.array, zip(*points))
-        label = f"{'random ' if route == 'random' else ''}{trait} L{layer}"
-        left.plot(x, ppl, "--" if route == "random" else "-", marker="o", ms=3, label=label)
-        right.plot(x, shift, "--" if route == "random" else "-", marker="o", ms=3, label=label)
+        style = "--" if curve[0] == "random" else "-"
+        left.plot(x, ppl, style, marker="o", ms=3, label=_curve_label(curve))
+        right.plot(x, shift, style, marker="o", ms=3, label=_curve_label(curve))
     left.set_yscale("log")
     left.set(xlabel="steering coefficient", ylabel="reply perplexity (unsteered model)", title="coherence")
     right.set(xlabel="steering coefficient", ylabel="persuadee belief shift", title="belief shift")
     left.legend(fontsize=7)
+    fig.suptitle(f"prompt: {cfg.check_prompt}, all categories", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _curve_of(cell: dict) -> tuple:
+    return cell["route"], cell["trait"], cell["layer"], cell["seed"] if cell["route"] == "random" else None
+
+
+def _curves(cells: list[dict]) -> list[tuple]:
+    return sorted({_curve_of(c) for c in cells if c["route"] in ("steer", "random")}, key=str)
+
+
+def _curve_label(curve: tuple) -> str:
+    route, trait, layer, seed = curve
+    return f"random ({trait} norm, seed {seed}) L{layer}" if route == "random" else f"{trait} L{layer}"
 
 
 def persuasion_report(cfg: ReportConfig, **inputs) -> dict:
@@ -225,4 +233,4 @@ def persuasion_report(cfg: ReportConfig, **inputs) -> dict:
     checks = _checks(cfg, cells, persona, rows) if cfg.ground_truth else {}
     metrics.update({k: float(v) for k, v in checks.items()})
     return {"attempt_rates": pa.Table.from_pylist(cells), "checks": checks, "persona": persona,
-            "attempt_vs_coef": _plot_attempts(cfg, cells), "coherence": _plot_coherence(cells), "metrics": metrics}
+            "attempt_vs_coef": _plot_attempts(cfg, cells), "coherence": _plot_coherence(cfg, cells), "metrics": metrics}
