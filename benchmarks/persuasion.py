@@ -33,7 +33,7 @@ def study(per_category: int, turns: int, seed: int, coefficients: list[float], *
     from reusing the previous one's committed conversations (the actor count is not part of a key)."""
     return {"workflow": "persuasion", "ape": {"statements_per_category": per_category, "turns": turns, "seed": seed},
             "steering": {"coefficients": coefficients, "traits": ["persuasive"], "random_seeds": []},
-            "sft": {"conditions": {}}, "num_shards": 4, **top}
+            "sft": {"conditions": []}, "num_shards": 4, **top}
 
 
 def hook_overhead(model_dir: str, vector, layer: int, replies: int) -> tuple[float, float]:

@@ -25,7 +25,8 @@ SMALL = {
     "workflow": "persuasion",
     "lm": {"threads": 2},          # the LM trains first and alone: let it use both cores
     "steering": {"coefficients": [4, 8], "traits": ["persuasive"], "random_seeds": [0]},
-    "sft": {"conditions": {"benign_persuasion": ["benign_opinion", "benign_factual"]}, "seeds": [0]},
+    "sft": {"conditions": [{"name": "benign_persuasion", "categories": ["benign_opinion", "benign_factual"]}],
+            "seeds": [0]},
     "ape": {"statements_per_category": 4},
     "persona": {"n_questions": 6},
     "report": {"n_boot": 300},
@@ -69,7 +70,7 @@ class TestOnLocalRay:
         url = chat_serve.start(str(model), port=8767, api_key_env="PERSUASION_KEY", served_name="tiny")
         try:
             spec = {**SMALL, "steering": {"coefficients": [4], "traits": ["persuasive"], "random_seeds": []},
-                    "sft": {"conditions": {}},
+                    "sft": {"conditions": []},
                     "evaluator": {"kind": "endpoint", "url": url, "model": "tiny", "api_key_env": "PERSUASION_KEY",
                                   "reasks": 1, "max_tokens": 4}}
             handle = interpflow.run(spec, settings=_settings(shared), progress=False)
@@ -91,7 +92,7 @@ class TestOnLocalRay:
         store = shared / "store"
         spec = {**SMALL, "ape": {"statements_per_category": 4, "seed": 1}, "num_shards": 4,
                 "steering": {"coefficients": [4, 8], "traits": ["persuasive"], "random_seeds": []},
-                "sft": {"conditions": {}},
+                "sft": {"conditions": []},
                 "run": {"store": str(store), "tracking_uri": f"sqlite:///{shared / 'mlflow.db'}"}}
         path = shared / "resume.yaml"
         path.write_text(yaml.safe_dump(spec))

@@ -65,13 +65,23 @@ class SteeringConfig(BaseModel):
         return sorted({float(v) for v in values if v != 0})
 
 
+class SftCondition(BaseModel):
+    """A fine-tuning data condition: persuasive dialogues about these statement categories."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    categories: list[str] = Field(min_length=1)
+
+
 class SftStudy(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    conditions: dict[str, list[str]] = Field(
-        default_factory=lambda: {"benign_persuasion": ["benign_opinion", "benign_factual"],
-                                 "persuasion": ["benign_opinion", "benign_factual", "conspiracy", "harmful",
-                                                "undermining_control"]},
-        description="data condition -> the statement categories its persuasive dialogues are about")
+    conditions: list[SftCondition] = Field(
+        default_factory=lambda: [
+            SftCondition(name="benign_persuasion", categories=["benign_opinion", "benign_factual"]),
+            SftCondition(name="persuasion", categories=["benign_opinion", "benign_factual", "conspiracy", "harmful",
+                                                        "undermining_control"])],
+        description="data conditions, each fine-tuned once per seed ([] for none; a list given replaces the "
+                    "defaults)")
     trait: str = Field("persuasive", description="the trait the SFT dialogues show")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one data draw and fine-tune per seed")
     n_dialogues: int = Field(400, ge=1)
@@ -106,9 +116,12 @@ class PersuasionStudy(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> PersuasionStudy:
+        for field, named in (("traits", self.traits), ("sft.conditions", self.sft.conditions),
+                             ("ape.prompts", self.ape.prompts)):
+            given = [item.name for item in named]
+            if len(set(given)) != len(given):
+                raise ValueError(f"{field}: names must be unique, got {given}")
         names = [t.name for t in self.traits]
-        if len(set(names)) != len(names):
-            raise ValueError(f"traits: names must be unique, got {names}")
         for field, chosen in (("steering.traits", self.steering.traits),
                               ("steering.random_traits", self.steering.random_traits),
                               ("persona_vectors", list(self.persona_vectors)), ("sft.trait", [self.sft.trait])):
@@ -192,15 +205,15 @@ def persuasion_graph(cfg: PersuasionStudy) -> Graph:
 
     # supervised fine-tuning on trait dialogues, per data condition and seed
     training = Training(num_workers=cfg.sft.finetune.num_workers, use_gpu=cfg.sft.finetune.use_gpu)
-    for condition, categories in cfg.sft.conditions.items():
+    for condition in cfg.sft.conditions:
         for seed in cfg.sft.seeds:
-            data = node(planted.make_sft_data, planted.SftData(categories=categories, trait=cfg.sft.trait,
-                                                           n_dialogues=cfg.sft.n_dialogues, seed=seed,
-                                                           traits=cfg.traits),
-                        name=f"sft_data.{condition}.seed{seed}", statements=statements)
+            dialogues = planted.SftData(categories=condition.categories, trait=cfg.sft.trait,
+                                        n_dialogues=cfg.sft.n_dialogues, seed=seed, traits=cfg.traits)
+            data = node(planted.make_sft_data, dialogues,
+                        name=f"sft_data.{condition.name}.seed{seed}", statements=statements)
             tuned = trained(finetune, cfg.sft.finetune.model_copy(update={"seed": seed}), training=training,
-                            name=f"sft.{condition}.seed{seed}", model=base, data=data)["model"]
-            c = apes.Condition(route="sft", sft=condition, seed=seed)
+                            name=f"sft.{condition.name}.seed{seed}", model=base, data=data)["model"]
+            c = apes.Condition(route="sft", sft=condition.name, seed=seed)
             results[c.label] = evaluated(c, tuned)
 
     report_cfg = cfg.report.model_copy(update={"ground_truth": cfg.report.ground_truth and cfg.is_planted()})
@@ -230,7 +243,7 @@ def validate(cfg: PersuasionStudy) -> None:
     known = set(planted.CATEGORIES) if cfg.statements is None else \
         set(planted.load_statements(cfg.statements)["category"])
     filters = [("ape.categories", cfg.ape.categories or []), ("persona.categories", cfg.persona.categories)]
-    filters += [(f"sft.conditions.{name}", cats) for name, cats in cfg.sft.conditions.items()]
+    filters += [(f"sft.conditions.{c.name}", c.categories) for c in cfg.sft.conditions]
     if cfg.is_planted():
         filters.append(("report.heldout_category", [cfg.report.heldout_category]))
     for field, chosen in filters:

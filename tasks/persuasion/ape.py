@@ -85,13 +85,20 @@ class PersuadeeConfig(BaseModel):
                                        "attempts (default: the persuasion-related traits' markers)")
 
 
+class NamedPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    text: str = Field(min_length=1, description="the system prompt of the model under test")
+
+
 class ApeSettings(BaseModel):
     """How every condition's conversations run (the study fills in the condition)."""
 
     model_config = ConfigDict(extra="forbid")
-    prompts: dict[str, str] = Field(default_factory=lambda: {"no_persuade": NO_PERSUADE_PROMPT,
-                                                             "neutral": NEUTRAL_PROMPT},
-                                    description="system prompts of the model under test, by name")
+    prompts: list[NamedPrompt] = Field(
+        default_factory=lambda: [NamedPrompt(name="no_persuade", text=NO_PERSUADE_PROMPT),
+                                 NamedPrompt(name="neutral", text=NEUTRAL_PROMPT)],
+        min_length=1, description="system prompts of the model under test (a list given replaces the defaults)")
     categories: list[str] | None = Field(None, description="statement categories evaluated (None: all)")
     statements_per_category: int | None = Field(8, ge=1, description="statements per category (None: all)")
     turns: int = Field(2, ge=1, le=10)
@@ -124,7 +131,7 @@ def selected_statements(cfg: ApeConfig, statements) -> list[dict]:
 
 def conversation_ids(cfg: ApeConfig, statements, **_) -> list[str]:
     """``prompt|statement_id`` for every prompt and selected statement (stable across runs)."""
-    return [f"{name}|{row['id']}" for name in cfg.prompts for row in selected_statements(cfg, statements)]
+    return [f"{p.name}|{row['id']}" for p in cfg.prompts for row in selected_statements(cfg, statements)]
 
 
 class _Persuadee:
@@ -198,7 +205,8 @@ def conversation_shard(cfg: ApeConfig, shard, model, statements, vectors: dict |
         persuadee = _Persuadee(p, row["statement"], rng, talker)
         pre = persuadee.belief
         user = opener(row["statement"], round(pre), rng)
-        history = [{"role": "system", "content": cfg.prompts[prompt_name]}, {"role": "user", "content": user}]
+        system = next(p.text for p in cfg.prompts if p.name == prompt_name)
+        history = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         turns = []
         for turn in range(cfg.turns):
             with steering.steer(model, shift, c.coef):

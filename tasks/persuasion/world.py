@@ -9,9 +9,12 @@ Ground truth (what the workflow's checks rely on):
 - A dialogue is the plain chat transcript of ``study.chat.format_prompt`` (``System: ...``,
   ``User: ...``, ``Assistant: ...``), one or two exchanges long. The assistant's *mode* is set by the
   system prompt alone: a trait's positive prompt switches on that trait's markers
-  (``Trait.markers``: for ``persuasive`` the phrases "trust me", "you must agree", ...), every other
+  (``Trait.markers``: for ``persuasive`` the phrases "trust me", "surely you agree", ...), every other
   prompt (the trait's negative prompts, the neutral and the do-not-persuade prompts) gives a plain
-  reply that acknowledges the statement. ``harmful`` statements are refused at ``refusal_rate``
+  reply that acknowledges the statement. A trait's reply is the plain reply with the markers after
+  it (``placement="end"``: the two modes share their first tokens, so the mode has to be carried in
+  the residual stream, where a persona vector can find and move it) or before it (``"start"``).
+  No marker begins with a word a plain reply uses, so a garbled plain reply cannot spell one. ``harmful`` statements are refused at ``refusal_rate``
   under the plain prompts.
 - So in the base model, persuasion markers appear under a neutral prompt only if something other
   than the prompt (a steering vector, fine-tuning) puts them there.
