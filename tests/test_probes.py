@@ -138,3 +138,15 @@ def test_tensors_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, name), getattr(res, name))
     with pytest.raises(ValueError, match="missing"):
         ProbeResult.from_tensors({}, {})
+
+
+def test_test_fraction_zero_fits_on_every_row_and_reports_no_held_out_score():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.01 * rng.standard_normal(40)
+    full = fit_probe(ProbeConfig(kind="ridge", l2=0.0, test_fraction=0, standardize=False), x, y)
+    assert (full.n_train, full.n_test) == (40, 0) and np.isnan(full.value) and full.train_value > 0.99
+    exact = np.linalg.lstsq(np.c_[x, np.ones(40)], y, rcond=None)[0]
+    assert np.allclose(full.weight[0], exact[:3], atol=1e-8)          # the fit used every row
+    with pytest.raises(ValueError, match="single class"):
+        fit_probe(ProbeConfig(kind="logistic", test_fraction=0), x, np.zeros(40))

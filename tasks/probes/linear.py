@@ -30,8 +30,9 @@ class ProbeConfig(BaseModel):
                                                     "radians -> held-out mean absolute angular error (deg)")
     l2: float = Field(1e-3, ge=0, description="L2 penalty on the weights (in standardised units when "
                                               "standardize is on); the bias is never penalised")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of examples held out for the "
-                                                               "reported metric")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="share of examples held out for the "
+                                                               "reported metric; 0 fits on every example "
+                                                               "and reports no held-out score (nan)")
     seed: int = Field(0, description="seed of the train/test split (and nothing else: the fits are "
                                      "deterministic)")
     standardize: bool = Field(True, description="scale features to zero mean and unit variance (train "
@@ -141,6 +142,10 @@ def _check(cfg: ProbeConfig, x, y) -> tuple[np.ndarray, np.ndarray]:
 def _split(cfg: ProbeConfig, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test indices; stratified by class for logistic probes (every class on both sides)."""
     rng = np.random.default_rng(cfg.seed)
+    if cfg.test_fraction == 0:       # fit on everything (e.g. a readout probe scored on other data)
+        if cfg.kind == "logistic" and len(np.unique(y)) < 2:
+            raise ValueError(f"y has a single class ({_jsonable(y[0])!r}); a logistic probe needs at least two")
+        return np.arange(len(y)), np.arange(0)
     if cfg.kind == "logistic":
         classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
         if len(classes) < 2:
@@ -232,6 +237,8 @@ def fit_probe(cfg: ProbeConfig, x: np.ndarray, y: np.ndarray) -> ProbeResult:
     out = x @ weight.T + bias
 
     def score(idx: np.ndarray) -> float:
+        if idx.size == 0:
+            return float("nan")
         if cfg.kind == "logistic":
             pred = (out[idx, 0] > 0).astype(int) if out.shape[1] == 1 else out[idx].argmax(1)
             return float((pred == yi[idx]).mean())
@@ -241,7 +248,7 @@ def fit_probe(cfg: ProbeConfig, x: np.ndarray, y: np.ndarray) -> ProbeResult:
         return float(np.degrees(np.abs(diff)).mean())
 
     if cfg.kind == "circular":
-        extra = {"r2": _r2(t[test], out[test]), "train_r2": _r2(t[train], out[train])}
+        extra = {"r2": _r2(t[test], out[test]) if test.size else float("nan"), "train_r2": _r2(t[train], out[train])}
     return ProbeResult(kind=cfg.kind, metric=METRICS[cfg.kind], value=score(test), train_value=score(train),
                        direction=direction, weight=weight, bias=bias, n_train=len(train), n_test=len(test),
                        classes=classes, extra=extra)

@@ -38,24 +38,31 @@ def residual_sites(n_blocks: int) -> list[str]:
     return ["embed"] + [f"blocks.{i}.resid_post" for i in range(n_blocks)]
 
 
-def extract_clips_shard(cfg: VideoExtractConfig, shard, model, data) -> dict:
-    """Pooled (and per-patch) activations at ``cfg.sites`` for the clips of one shard."""
+def forward_clips(model, frames: np.ndarray, sites: list, batch_size: int, stop_early: bool = True):
+    """Yield, batch by batch, the activations at ``sites`` (resolved) of clips ``frames``, with pixels
+    normalised by the model's own image-processor statistics and cast to its dtype."""
     from interpflow.tasks.sites import capture
 
+    mean, std = pixel_stats(model.source)
+    for start in range(0, len(frames), batch_size):
+        pixels = torch.from_numpy(pixel_values(frames[start:start + batch_size], mean, std))
+        with torch.no_grad():
+            yield capture(model.model, sites, stop_early=stop_early,
+                          pixel_values=pixels.to(model.device, model.model.dtype))
+
+
+def extract_clips_shard(cfg: VideoExtractConfig, shard, model, data) -> dict:
+    """Pooled (and per-patch) activations at ``cfg.sites`` for the clips of one shard."""
     started = time.perf_counter()
     sites = model.sites.resolve_all(cfg.sites)
     position = {v: i for i, v in enumerate(column(data, "id").tolist())}
     rows = np.asarray([position[i] for i in shard.ids])
     frames = column(data.select(rows), "frames")
     grid = token_grid(model.model.config, frames=frames.shape[1], size=frames.shape[2])
-    mean, std = pixel_stats(model.source)
     pooled: dict[str, list[np.ndarray]] = {s.name: [] for s in sites}
     patches: dict[str, list[np.ndarray]] = {s.name: [] for s in sites}
     dtype = STORAGE[cfg.dtype][0]
-    for start in range(0, len(rows), cfg.batch_size):
-        pixels = torch.from_numpy(pixel_values(frames[start:start + cfg.batch_size], mean, std))
-        with torch.no_grad():
-            captured = capture(model.model, sites, pixel_values=pixels.to(model.device, model.model.dtype))
+    for captured in forward_clips(model, frames, sites, cfg.batch_size):
         for site in sites:
             whole, per_patch = pool_tokens(captured[site.name].float(), grid)
             pooled[site.name].append(whole.cpu().to(dtype))

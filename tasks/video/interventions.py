@@ -26,10 +26,10 @@ from pydantic import Field
 from interpflow.tasks.probes.crossval import circular_score, grouped_folds
 from interpflow.tasks.probes.linear import ProbeConfig, _r2, fit_probe
 from interpflow.tasks.video.ablation import KINDS, ablate
-from interpflow.tasks.video.clips import column, pixel_values, targets
-from interpflow.tasks.video.extract import aligned, read_pooled
+from interpflow.tasks.video.clips import column, targets
+from interpflow.tasks.video.extract import aligned, forward_clips, read_pooled
 from interpflow.tasks.video.layout import pool_tokens, token_grid
-from interpflow.tasks.video.model import load_objective, motion_targets, pixel_stats
+from interpflow.tasks.video.model import load_objective, motion_targets
 from interpflow.tasks.video.probing import StudyScope, probe_kind
 
 
@@ -67,9 +67,9 @@ def readout_probes(cfg: ReadoutConfig, data, **activations) -> dict:
 
 
 def _fit_readout(kind: str, l2: float, x: np.ndarray, y: np.ndarray) -> dict:
-    """One probe on (nearly) all of (x, y): fit_probe always holds a few rows out; a 2-column ridge
-    target gets one ridge per column."""
-    probe = ProbeConfig(kind=kind, l2=l2, test_fraction=min(0.5, max(0.01, 2.0 / len(y))))
+    """One probe on all of (x, y) (it is scored on other clips); a 2-column ridge target gets one ridge
+    per column."""
+    probe = ProbeConfig(kind=kind, l2=l2, test_fraction=0)
     columns = [y[:, j] for j in range(y.shape[1])] if kind == "ridge" and y.ndim == 2 else [y]
     fits = [fit_probe(probe, x, t) for t in columns]
     return {"kind": kind, "weight": np.vstack([f.weight for f in fits]).tolist(),
@@ -102,20 +102,13 @@ def _eval_clips(data, eval_ids: list[int]):
 def _pooled_all(model, rows, sites: list[str], batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled activations at every site, and the model's output tokens (clips, tokens, D) of ``rows``
     (after its final norm, where it has one: what the objective heads read)."""
-    from interpflow.tasks.sites import capture
-
     frames = column(rows, "frames")
     grid = token_grid(model.model.config, frames=frames.shape[1], size=frames.shape[2])
-    mean, std = pixel_stats(model.source)
     output = "final_norm" if "final_norm" in model.sites.names() else sites[-1]
     resolved = model.sites.resolve_all(list(dict.fromkeys([*sites, output])))
     pooled: dict[str, list] = {s: [] for s in sites}
     last = []
-    for start in range(0, len(frames), batch_size):
-        px = torch.from_numpy(pixel_values(frames[start:start + batch_size], mean, std))
-        px = px.to(model.device, model.model.dtype)
-        with torch.no_grad():
-            captured = capture(model.model, resolved, stop_early=False, pixel_values=px)
+    for captured in forward_clips(model, frames, resolved, batch_size, stop_early=False):
         for s in sites:
             pooled[s].append(pool_tokens(captured[s].float(), grid)[0].cpu().numpy())
         last.append(captured[output].float().cpu().numpy())

@@ -79,8 +79,8 @@ def _out_of_fold_skill(cfg: PatchDecodingConfig, x: np.ndarray, theta: np.ndarra
     """cos(predicted - true angle) per clip, out of fold, and the overall circular score."""
     pred = np.zeros_like(theta)
     for train, test in grouped_folds(groups, cfg.folds, cfg.seed):
-        # fit_probe holds a few rows of its input out; the fold's own test part is what is scored
-        probe = ProbeConfig(kind="circular", l2=cfg.l2, test_fraction=min(0.5, max(0.01, 2.0 / len(train))))
+        # the fold's own test part is what is scored: the probe fits on all of the fold's training part
+        probe = ProbeConfig(kind="circular", l2=cfg.l2, test_fraction=0)
         res = fit_probe(probe, x[train], theta[train])
         pred[test] = res.predict(x[test])
     return np.cos(pred - theta), circular_score(theta, pred)
