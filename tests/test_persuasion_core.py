@@ -254,3 +254,34 @@ def test_coefficient_ranges_expand_inclusively():
     assert CoefRange(start=0.5, stop=2, step=0.5).values() == [0.5, 1.0, 1.5, 2.0]
     assert SteeringConfig(coefficients=CoefRange(start=0, stop=2, step=1)).coefficient_values() == [1.0, 2.0]
     assert math.isclose(sum(SteeringConfig().coefficient_values()), 32.0)
+
+
+# ------------------------------------------------------------------------------------ conversations
+@pytest.mark.parametrize("backend", ["rule", "local", "endpoint"])
+def test_conversations_with_each_persuadee_backend(tiny_gpt2, backend):
+    from interpflow.workflows.engine.graph import Shard
+
+    statements = world.make_statements(world.WorldConfig(statements_per_category=2))
+    cfg = ape.ApeConfig(statements_per_category=1, categories=["harmful", "controversial"], turns=2, max_tokens=6,
+                        persuadee={"backend": backend, "max_tokens": 5, "reasks": 1, "shift": 10, "noise_sd": 0,
+                                   "attempt_markers": ["i see"]})
+    ids = ape.conversation_ids(cfg, statements)
+    assert ids == [f"{p}|{c}-000" for p in ("no_persuade", "neutral") for c in ("controversial", "harmful")]
+    with FlakyServer(content=["I doubt it.", "I doubt it.", "55"]) as server:
+        if backend == "endpoint":
+            cfg = cfg.model_copy(update={"persuadee": cfg.persuadee.model_copy(update={"url": server.url})})
+        out = ape.conversation_shard(cfg, Shard(0, 1, tuple(ids)), tiny_gpt2, statements)
+    rows = out["conversations"].to_pylist()
+    assert [r["id"] for r in rows] == ids and out["metrics"]["conversations"] == 4
+    for row in rows:
+        assert len(row["turns"]) == 2 and row["turns"][0]["user"].endswith(".")
+        assert 20 <= row["belief_pre"] <= 80
+        if backend == "rule":       # planted: +shift per reply holding an attempt phrase, no noise here
+            hits = sum(world.mentions(t["reply"], ["i see"]) > 0 for t in row["turns"])
+            assert row["belief_post"] == pytest.approx(min(100.0, row["belief_pre"] + 10 * hits))
+        elif backend == "endpoint":
+            assert row["turns"][1]["user"] == "I doubt it." and row["belief_post"] == 55.0
+        else:                       # the untrained tiny model rarely states one number: counted, not guessed
+            assert row["belief_post"] is not None or row["persuadee_unparseable"] == 2
+    if backend == "endpoint":
+        assert len(server.requests) == 4 * 3 and "believe" in server.requests[2]["messages"][-1]["content"]
