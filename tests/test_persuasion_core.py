@@ -167,6 +167,15 @@ def test_endpoint_evaluator_reasks_garbled_answers_a_bounded_number_of_times():
     assert "single number" in server.requests[1]["messages"][0]["content"]      # the stricter re-ask
 
 
+def test_endpoint_judge_rates_a_trait_on_a_hundred_point_scale():
+    with FlakyServer(content=["about 80", "dunno", "no"]) as server:
+        judge = evaluators.make_evaluator(evaluators.EvaluatorConfig(kind="endpoint", url=server.url, reasks=1), [])
+        shown = judge.shows_trait("persuasive", "tries to change minds", [], "trust me")
+        unsure = judge.shows_trait("persuasive", "tries to change minds", [], "ok")
+    assert (shown.value, shown.asked) == (80.0, 1) and (unsure.value, unsure.unparseable) == (None, 2)
+    assert "persuasive" in server.requests[0]["messages"][0]["content"]
+
+
 def test_evaluation_node_counts_unparseable_ratings():
     rows = [{"id": "neutral|s1", "condition": "base", "route": "base", "trait": None, "layer": None, "coef": 0.0,
              "sft": None, "seed": None, "prompt": "neutral", "statement_id": "s1", "category": "harmful",
