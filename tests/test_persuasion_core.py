@@ -204,14 +204,15 @@ def _evaluated(condition: str, route: str, rate: float, n: int = 12, coef: float
             for i in range(n)]
 
 
-def _study(steer_rates, random_rates, sft_rate, halves=0.95):
+def _study(steer_rates, random_rates, sft_rate, halves=0.95, sft=True):
     rows = _evaluated("base", "base", 0.0) + _evaluated("base", "base", 0.0, category="controversial")
     for coef, rate in steer_rates.items():
         rows += _evaluated(f"steer.c{coef}", "steer", rate, coef=coef)
     for coef, rate in random_rates.items():
         rows += _evaluated(f"random.c{coef}", "random", rate, coef=coef, seed=0)
-    rows += _evaluated("sft.benign_persuasion.seed0", "sft", sft_rate, category="controversial",
-                       sft="benign_persuasion", seed=0)
+    if sft:
+        rows += _evaluated("sft.benign_persuasion.seed0", "sft", sft_rate, category="controversial",
+                           sft="benign_persuasion", seed=0)
     inputs = {f"t{i}": pa.Table.from_pylist([r]) for i, r in enumerate(rows)}
     inputs["persona.persuasive"] = {"layers": {"1": {"halves_cosine": halves, "norm": 1.0}}}
     return report.persuasion_report(report.ReportConfig(n_boot=200), **inputs)
@@ -227,6 +228,9 @@ def test_report_checks_pass_on_a_planted_pattern_and_fail_on_each_violation():
            "halves_cosine_ok": _study({1: 0.1, 2: 0.9}, {1: 0.0}, 1.0, halves=0.5)}
     for check, out in bad.items():
         assert out["checks"][check] == 0.0 and out["checks"]["ground_truth_ok"] == 0.0, check
+    no_sft = _study({1: 0.1, 2: 0.9}, {1: 0.0}, 1.0, sft=False)
+    assert math.isnan(no_sft["checks"]["sft_transfer_ok"]) and no_sft["checks"]["checks_run"] == 3
+    assert no_sft["checks"]["ground_truth_ok"] == 1.0
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -255,6 +259,11 @@ def test_bad_input_is_an_error_before_compute(tmp_path):
     message = _spec_error("steering.coefficients={start: 4, stop: 1, step: 1}")
     assert "steering.coefficients" in message and "start=4" in message
     assert "steering.traits" in _spec_error("steering.traits=[grumpy]")
+    leak = "sft.conditions=[{name: benign_persuasion, categories: [benign_opinion, controversial]}]"
+    assert "sft.conditions.benign_persuasion" in _spec_error(leak) and "controversial" in _spec_error(leak)
+    assert "report.heldout_category" in _spec_error("ape.categories=[harmful]")
+    assert "sft.conditions" in _spec_error("sft.conditions=[{name: a, categories: [harmful]}, "
+                                           "{name: a, categories: [conspiracy]}]")
 
 
 def test_coefficient_ranges_expand_inclusively():

@@ -251,6 +251,16 @@ def validate(cfg: PersuasionStudy) -> None:
         if unknown:
             raise ValueError(f"{field}: unknown statement categor{'ies' if len(unknown) > 1 else 'y'} {unknown}; "
                              f"the statements have {sorted(known)}")
+    if cfg.is_planted() and cfg.report.ground_truth:
+        held = cfg.report.heldout_category
+        for condition in cfg.sft.conditions:
+            if condition.name == cfg.report.sft_condition and held in condition.categories:
+                raise ValueError(f"sft.conditions.{condition.name}: it trains on report.heldout_category={held!r}, "
+                                 "so the transfer check would test no transfer; leave that category out of it, or "
+                                 "set report.heldout_category to one no SFT condition trains on")
+        if cfg.ape.categories is not None and held not in cfg.ape.categories:
+            raise ValueError(f"ape.categories {cfg.ape.categories} leave out report.heldout_category={held!r}, "
+                             "which the transfer check reads; add it")
     if cfg.model is not None:
         models.check_model_source(cfg.model.path)
     needed = {e.api_key_env for e in (cfg.evaluator, cfg.persona.judge) if e.kind == "endpoint" and e.api_key_env}

@@ -16,6 +16,9 @@ Planted checks (``ground_truth``: only meaningful on the embedded world with the
 4. ``sft_transfer``: for every seed, SFT on ``sft_condition`` (persuasion in other categories only)
    raises the attempt rate on ``heldout_category`` above the base model's (the CI of the difference
    excludes 0).
+
+A check whose conditions the study does not run (no SFT, no random direction, given vectors) is nan
+and left out of ``ground_truth_ok``, which needs every check that ran to pass (``checks_run`` says how many).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.tasks.study.analysis import AnalysisConfig, boot_diff, boot_mean
 
 ALL = "all"
+CHECKS = ("halves_cosine_ok", "steering_monotone_ok", "random_flat_ok", "sft_transfer_ok")
 
 
 class ReportConfig(BaseModel):
@@ -90,7 +94,7 @@ def _checks(cfg: ReportConfig, cells: list[dict], persona: dict[str, dict], rows
     cosines = [layer["halves_cosine"] for s in persona.values() for layer in s["layers"].values()
                if not math.isnan(layer["halves_cosine"])]     # given vectors have no halves
     out["min_halves_cosine"] = min(cosines) if cosines else math.nan
-    out["halves_cosine_ok"] = float(bool(cosines) and min(cosines) >= cfg.min_halves_cosine)
+    out["halves_cosine_ok"] = _verdict([min(cosines) >= cfg.min_halves_cosine] if cosines else [])
 
     base = _rate(cells, "base", cfg.check_prompt, ALL)
     steered = [c for c in cells if c["route"] == "steer" and c["trait"] == cfg.persuasion_trait
@@ -108,9 +112,10 @@ def _checks(cfg: ReportConfig, cells: list[dict], persona: dict[str, dict], rows
         randoms = [c["attempt_rate"] for c in cells if c["route"] == "random" and c["layer"] == layer
                    and c["prompt"] == cfg.check_prompt and c["category"] == ALL and 0 < c["coef"] <= curve[peak_at][0]]
         out[f"layer_{layer}.random_max"] = max(randoms) if randoms else math.nan
-        flat.append(bool(randoms) and max(randoms) <= base + cfg.random_tolerance)
-    out["steering_monotone_ok"] = float(bool(monotone) and all(monotone))
-    out["random_flat_ok"] = float(bool(flat) and all(flat))
+        if randoms:
+            flat.append(max(randoms) <= base + cfg.random_tolerance)
+    out["steering_monotone_ok"] = _verdict(monotone)
+    out["random_flat_ok"] = _verdict(flat)
 
     boot = AnalysisConfig(n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
 
@@ -126,10 +131,16 @@ def _checks(cfg: ReportConfig, cells: list[dict], persona: dict[str, dict], rows
         out[f"{condition}.heldout_diff"], out[f"{condition}.heldout_diff_ci_low"] = diff, lo
         out[f"{condition}.heldout_diff_ci_high"] = hi
         transfer.append(lo > 0)
-    out["sft_transfer_ok"] = float(bool(transfer) and all(transfer))
-    out["ground_truth_ok"] = float(all(out[k] == 1.0 for k in ("halves_cosine_ok", "steering_monotone_ok",
-                                                                "random_flat_ok", "sft_transfer_ok")))
+    out["sft_transfer_ok"] = _verdict(transfer)
+    verdicts = [out[k] for k in CHECKS if not math.isnan(out[k])]
+    out["checks_run"] = len(verdicts)
+    out["ground_truth_ok"] = float(bool(verdicts) and all(v == 1.0 for v in verdicts))
     return out
+
+
+def _verdict(passed: list[bool]) -> float:
+    """1.0 or 0.0; nan when the study has nothing to check (e.g. no SFT condition, no random direction)."""
+    return float(all(passed)) if passed else math.nan
 
 
 def _plot_attempts(cfg: ReportConfig, cells: list[dict]):
