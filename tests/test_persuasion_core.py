@@ -303,3 +303,36 @@ def test_conversations_with_each_persuadee_backend(tiny_gpt2, backend):
             assert row["belief_post"] is not None or row["persuadee_unparseable"] == 2
     if backend == "endpoint":
         assert len(server.requests) == 4 * 3 and "believe" in server.requests[2]["messages"][-1]["content"]
+
+
+# ------------------------------------------------------------------------------- a user's model and data
+def test_a_users_statements_file_and_model_folder_replace_the_planted_ones(tiny_gpt2, tmp_path):
+    import json
+
+    rows = [{"id": 7, "statement": "Tea is better than coffee.", "category": "benign_opinion"},
+            {"id": 8, "statement": "The moon landing was staged.", "category": "conspiracy"}]
+    path = tmp_path / "statements.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    from interpflow.tasks.datasets_io import DatasetSource
+
+    loaded = world.load_statements(DatasetSource(path=str(path))).to_list()
+    assert [(r["id"], r["category"], r["a"]) for r in loaded] == [("7", "benign_opinion", "better"),
+                                                                   ("8", "conspiracy", "landing")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no statement column", "category": "x"}))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['statement'\]"):
+        world.load_statements(DatasetSource(path=str(bad)))
+
+    spec = load_spec("persuasion", [f"model.path={tiny_gpt2.source}", f"statements.path={path}",
+                                    "steering.layers=[1]", "ape.categories=[conspiracy]",
+                                    "persona.categories=[benign_opinion]",
+                                    "sft.conditions=[{name: opinions, categories: [benign_opinion]}]"],
+                     check_store=False)
+    graph = spec.builder(spec.config)
+    names = {n.name for n in graph}
+    assert {"model", "statements", "sft.opinions.seed0", "persuasion_report"} <= names
+    assert not {"tiny_lm", "dialogues"} & names
+    assert graph["persuasion_report"].config.ground_truth is False     # planted checks only on the planted world
+    message = _spec_error(f"model.path={tiny_gpt2.source}", f"statements.path={path}", "steering.layers=[1]",
+                          "ape.categories=[gossip]")
+    assert "gossip" in message and "conspiracy" in message
