@@ -97,6 +97,20 @@ def test_steering_adds_exactly_coef_times_v_and_zero_adds_nothing(tiny_gpt2):
             pass
 
 
+def test_batched_greedy_replies_and_perplexities_equal_one_at_a_time(tiny_gpt2):
+    from interpflow.tasks.study.chat import generate_replies, generate_reply
+
+    chats = [[{"role": "system", "content": s}, {"role": "user", "content": f"i am not sure that {u} ."}]
+             for s in (world.NEUTRAL_PROMPT, "be persuasive .") for u in ("the bana is good", "every lo needs a mi x")]
+    batched = generate_replies(tiny_gpt2, chats, 8, 0.0, 0)
+    single = [generate_reply(tiny_gpt2, c, 8, 0.0, 0) for c in chats]
+    assert [(r.text, r.completion_tokens) for r in batched] == [(r.text, r.completion_tokens) for r in single]
+    prompts, replies = ["System: a\nUser: b\nAssistant:", "System: a much longer prompt\nAssistant:"], ["i see .", "ok"]
+    together = steering.reply_perplexity(tiny_gpt2, prompts, replies)
+    apart = [steering.reply_perplexity(tiny_gpt2, [p], [r])[0] for p, r in zip(prompts, replies)]
+    assert np.allclose(together, apart, rtol=1e-4)
+
+
 def test_random_direction_has_the_norm_and_is_seeded():
     v = np.arange(1, 65, dtype=np.float32)
     r0, r1 = steering.random_like(v, 0), steering.random_like(v, 1)
@@ -285,7 +299,7 @@ def test_conversations_with_each_persuadee_backend(tiny_gpt2, backend):
                                    "attempt_markers": ["i see"]})
     ids = ape.conversation_ids(cfg, statements)
     assert ids == [f"{p}|{c}-000" for p in ("no_persuade", "neutral") for c in ("controversial", "harmful")]
-    with FlakyServer(content=["I doubt it.", "I doubt it.", "55"]) as server:
+    with FlakyServer(content="I doubt it: 55.") as server:
         if backend == "endpoint":
             cfg = cfg.model_copy(update={"persuadee": cfg.persuadee.model_copy(update={"url": server.url})})
         out = ape.conversation_shard(cfg, Shard(0, 1, tuple(ids)), tiny_gpt2, statements)
@@ -298,11 +312,11 @@ def test_conversations_with_each_persuadee_backend(tiny_gpt2, backend):
             hits = sum(world.mentions(t["reply"], ["i see"]) > 0 for t in row["turns"])
             assert row["belief_post"] == pytest.approx(min(100.0, row["belief_pre"] + 10 * hits))
         elif backend == "endpoint":
-            assert row["turns"][1]["user"] == "I doubt it." and row["belief_post"] == 55.0
+            assert row["turns"][1]["user"] == "I doubt it: 55." and row["belief_post"] == 55.0
         else:                       # the untrained tiny model rarely states one number: counted, not guessed
             assert row["belief_post"] is not None or row["persuadee_unparseable"] == 2
     if backend == "endpoint":
-        assert len(server.requests) == 4 * 3 and "believe" in server.requests[2]["messages"][-1]["content"]
+        assert len(server.requests) == 4 * 3 and "believe" in server.requests[-1]["messages"][-1]["content"]
 
 
 # ------------------------------------------------------------------------------- a user's model and data

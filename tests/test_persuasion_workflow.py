@@ -90,7 +90,7 @@ class TestOnLocalRay:
 
     def test_killed_driver_resumes_only_the_missing_conversations(self, shared):
         store = shared / "store"
-        spec = {**SMALL, "ape": {"statements_per_category": 4, "seed": 1}, "num_shards": 4,
+        spec = {**SMALL, "ape": {"statements_per_category": 8, "seed": 1}, "num_shards": 8,
                 "steering": {"coefficients": [4, 8], "traits": ["persuasive"], "random_seeds": []},
                 "sft": {"conditions": []},
                 "run": {"store": str(store), "tracking_uri": f"sqlite:///{shared / 'mlflow.db'}"}}
@@ -104,15 +104,15 @@ class TestOnLocalRay:
 
         run_then_kill(path, shared, lambda: committed() >= 2, timeout=300)
         before = settled(committed)
-        assert 2 <= before < 12, "the kill should land mid-evaluation (3 conditions x 4 shards)"
+        assert 2 <= before < 24, "the kill should land mid-evaluation (3 conditions x 8 shards)"
         (record,) = set(store.glob("runs/*/record.json")) - records_before
         run_id = json.loads(record.read_text())["run_id"]
         resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=shared, timeout=400)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         nodes = json.loads(record.read_text())["nodes"]
         shards = [nodes[n]["shards"] for n in nodes if n.startswith("conversations.")]
-        assert sum(s["ran"] for s in shards) == 12 - before and sum(s["cached"] for s in shards) == before
-        assert committed() == 12
+        assert sum(s["ran"] for s in shards) == 24 - before and sum(s["cached"] for s in shards) == before
+        assert committed() == 24
         assert all(nodes[n]["status"] in ("cached", "ran") for n in nodes)
 
 

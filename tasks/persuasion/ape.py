@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.tasks.persuasion import steering
 from interpflow.tasks.persuasion.evaluators import EvaluatorConfig, is_attempt, is_refusal, make_evaluator
 from interpflow.tasks.persuasion.world import FOLLOW_UPS, NEUTRAL_PROMPT, NO_PERSUADE_PROMPT, mentions, opener
-from interpflow.tasks.study.chat import EndpointChat, format_prompt, generate_reply
+from interpflow.tasks.study.chat import EndpointChat, format_prompt, generate_replies, generate_reply
 from interpflow.tasks.study.config import Scale
 from interpflow.tasks.study.ratings import elicit
 
@@ -196,37 +196,41 @@ def conversation_shard(cfg: ApeConfig, shard, model, statements, vectors: dict |
     talker = {"rule": None, "local": _Talker(model)}.get(p.backend) if p.backend != "endpoint" else \
         EndpointChat(p.url, p.model, p.api_key_env)
     c = cfg.condition
-    rows = []
+    conversations = []
     for item in shard.ids:
-        t0 = time.perf_counter()
         prompt_name, statement_id = item.split("|", 1)
         row = by_id[statement_id]
         rng = np.random.default_rng([cfg.seed, *item.encode()])
         persuadee = _Persuadee(p, row["statement"], rng, talker)
-        pre = persuadee.belief
-        user = opener(row["statement"], round(pre), rng)
-        system = next(p.text for p in cfg.prompts if p.name == prompt_name)
-        history = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        turns = []
-        for turn in range(cfg.turns):
-            with steering.steer(model, shift, c.coef):
-                reply = generate_reply(model, history, cfg.max_tokens, cfg.temperature,
-                                       cfg.seed * 1000 + turn).text
-            ppl = steering.reply_perplexity(model, [format_prompt(history, model.tokenizer)], [reply])[0]
-            turns.append({"turn": turn, "user": user, "reply": reply, "perplexity": ppl})
-            history.append({"role": "assistant", "content": reply})
+        user = opener(row["statement"], round(persuadee.belief), rng)
+        system = next(prompt.text for prompt in cfg.prompts if prompt.name == prompt_name)
+        conversations.append({"item": item, "prompt": prompt_name, "row": row, "persuadee": persuadee,
+                              "pre": persuadee.belief, "user": user, "turns": [],
+                              "history": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+    for turn in range(cfg.turns):      # every conversation's turn in one batch (greedy: as if one by one)
+        with steering.steer(model, shift, c.coef):
+            replies = generate_replies(model, [conv["history"] for conv in conversations], cfg.max_tokens,
+                                       cfg.temperature, cfg.seed * 1000 + turn)
+        prompts = [format_prompt(conv["history"], model.tokenizer) for conv in conversations]
+        perplexities = steering.reply_perplexity(model, prompts, [r.text for r in replies])
+        for conv, reply, ppl in zip(conversations, replies, perplexities):
+            conv["turns"].append({"turn": turn, "user": conv["user"], "reply": reply.text, "perplexity": ppl})
+            conv["history"].append({"role": "assistant", "content": reply.text})
+            answer = conv["persuadee"].answer(reply.text)     # the last reply moves the belief too
             if turn + 1 < cfg.turns:
-                user = persuadee.answer(reply)
-                history.append({"role": "user", "content": user})
-            else:
-                persuadee.answer(reply)   # the last reply moves the belief too
-        post = persuadee.final_belief()
-        rows.append({"id": item, "condition": c.label, "route": c.route, "trait": c.trait, "layer": c.layer,
-                     "coef": c.coef, "sft": c.sft, "seed": c.seed, "prompt": prompt_name,
-                     "statement_id": statement_id, "category": row["category"], "statement": row["statement"],
-                     "belief_pre": pre,
-                     "belief_post": post, "persuadee_unparseable": persuadee.unparseable, "turns": turns,
-                     "seconds": time.perf_counter() - t0})
+                conv["user"] = answer
+                conv["history"].append({"role": "user", "content": answer})
+    rows = []
+    for conv in conversations:
+        t0 = time.perf_counter()
+        post = conv["persuadee"].final_belief()
+        row = conv["row"]
+        rows.append({"id": conv["item"], "condition": c.label, "route": c.route, "trait": c.trait, "layer": c.layer,
+                     "coef": c.coef, "sft": c.sft, "seed": c.seed, "prompt": conv["prompt"],
+                     "statement_id": row["id"], "category": row["category"], "statement": row["statement"],
+                     "belief_pre": conv["pre"], "belief_post": post,
+                     "persuadee_unparseable": conv["persuadee"].unparseable, "turns": conv["turns"],
+                     "seconds": (time.perf_counter() - t0) + (t0 - started) / len(conversations)})
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return {"conversations": table, "metrics": {"conversations": table.num_rows,
                                                 "compute_s": time.perf_counter() - started}}

@@ -20,7 +20,7 @@ from interpflow.tasks.persuasion.evaluators import EvaluatorConfig, make_evaluat
 from interpflow.tasks.persuasion.steering import layer_site
 from interpflow.tasks.persuasion.world import Trait, opener
 from interpflow.tasks.sites import capture
-from interpflow.tasks.study.chat import format_prompt, generate_reply
+from interpflow.tasks.study.chat import format_prompt, generate_replies
 
 SIDES = ("positive", "negative")
 
@@ -82,14 +82,18 @@ def trait_response_shard(cfg: PersonaConfig, shard, model, statements) -> dict:
     judge = make_evaluator(cfg.judge, cfg.trait.markers)
     by_id = {q["id"]: q for q in _questions(cfg, statements)}
     prompts = {"positive": cfg.trait.positive_prompts, "negative": cfg.trait.negative_prompts}
-    rows = []
+    chats = []
     for item in shard.ids:
         side, k, statement_id = item.split(":", 2)
-        question = by_id[statement_id]
         rng = np.random.default_rng([cfg.seed, int(k), sum(map(ord, item))])
-        messages = [{"role": "system", "content": prompts[side][int(k)]},
-                    {"role": "user", "content": opener(question["statement"], int(rng.integers(0, 101)), rng)}]
-        reply = generate_reply(model, messages, cfg.max_tokens, cfg.temperature, cfg.seed).text
+        chats.append([{"role": "system", "content": prompts[side][int(k)]},
+                      {"role": "user", "content": opener(by_id[statement_id]["statement"], int(rng.integers(0, 101)),
+                                                         rng)}])
+    replies = generate_replies(model, chats, cfg.max_tokens, cfg.temperature, cfg.seed)
+    rows = []
+    for item, messages, answer in zip(shard.ids, chats, replies):
+        side, k, statement_id = item.split(":", 2)
+        reply = answer.text
         verdict = judge.shows_trait(cfg.trait.name, cfg.trait.description, cfg.trait.markers, reply)
         shows = verdict.value is not None and verdict.value >= 50
         acts = response_activations(model, format_prompt(messages, model.tokenizer), reply, cfg.layers)

@@ -53,17 +53,22 @@ def random_like(vector: np.ndarray, seed: int) -> np.ndarray:
 def reply_perplexity(loaded, prompts: list[str], replies: list[str]) -> list[float]:
     """Perplexity of each reply given its prompt under the (unsteered) model: exp of the mean next-token
     loss over the reply's tokens. A reply with no tokens gets nan."""
+    from interpflow.tasks.tiny_lm import pad_batch
+
     tok = loaded.tokenizer
+    if not prompts:
+        return []
+    heads = [len(tok(prompt, verbose=False)["input_ids"]) for prompt in prompts]
+    fulls = [tok(f"{p} {r}", verbose=False)["input_ids"][:loaded.max_length] for p, r in zip(prompts, replies)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = {k: v.to(loaded.device) for k, v in pad_batch(fulls, pad).items()}    # right-padded: causal logits
+    logits = loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     out = []
-    for prompt, reply in zip(prompts, replies):
-        head = tok(prompt, verbose=False)["input_ids"]
-        full = tok(prompt + " " + reply, verbose=False)["input_ids"][:loaded.max_length]
-        start = min(len(head), len(full))
+    for i, (head, full) in enumerate(zip(heads, fulls)):
+        start = min(head, len(full))
         if start >= len(full) or start == 0:
             out.append(float("nan"))
             continue
-        ids = torch.tensor([full], device=loaded.device)
-        logits = loaded.model(input_ids=ids).logits[0, start - 1:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, start:])
+        nll = torch.nn.functional.cross_entropy(logits[i, start - 1:len(full) - 1], batch["input_ids"][i, start:len(full)])
         out.append(float(torch.exp(nll)))
     return out

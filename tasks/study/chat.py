@@ -140,6 +140,42 @@ def generate_reply(loaded, messages: list[dict], max_tokens: int, temperature: f
                  seconds=time.perf_counter() - start, attempts=1)
 
 
+def generate_replies(loaded, chats: list[list[dict]], max_tokens: int, temperature: float,
+                     seed: int | None) -> list[Reply]:
+    """``generate_reply`` for many chats at once: one batched greedy generation (left-padded) when
+    temperature is 0, the model has no chat template and every prompt fits the context with
+    ``max_tokens`` to spare; otherwise one chat at a time (sampling is seeded per call, and truncated
+    prompts follow ``generate_reply``'s policy). Replies are ``generate_reply``'s up to float rounding."""
+    import torch
+
+    tok = loaded.tokenizer
+    if not chats:
+        return []
+    if tok is None or temperature > 0 or len(chats) == 1 or has_chat_template(tok) or max_tokens < 1:
+        return [generate_reply(loaded, m, max_tokens, temperature, seed) for m in chats]
+    start = time.perf_counter()
+    ids = [tok(format_prompt(m, tok), verbose=False)["input_ids"] for m in chats]
+    if max(map(len, ids)) + max_tokens > loaded.max_length:
+        return [generate_reply(loaded, m, max_tokens, temperature, seed) for m in chats]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad_id] * (width - len(i)) + i for i in ids], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=loaded.device)
+    with _GENERATE_LOCK, torch.no_grad():
+        out = loaded.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=int(max_tokens),
+                                    pad_token_id=pad_id, do_sample=False, temperature=None, top_k=None, top_p=None,
+                                    stop_strings=list(TURN_MARKERS), tokenizer=tok)
+    seconds = (time.perf_counter() - start) / len(chats)
+    replies = []
+    for row, prompt in zip(out[:, width:].tolist(), ids):
+        new = list(row)
+        while new and new[-1] == pad_id and pad_id != tok.eos_token_id:
+            new.pop()   # padding after a finished sequence is not generated text
+        text = cut_at_turn_marker(tok.decode(new, skip_special_tokens=True))
+        replies.append(Reply(text=text, prompt_tokens=len(prompt), completion_tokens=len(new), seconds=seconds))
+    return replies
+
+
 # ------------------------------------------------------------------------------------------------ endpoint
 
 
