@@ -15,6 +15,8 @@ Persuadees (the human study's participant backends, issue #7):
 
 Every random draw is seeded by the config seed and the conversation id, so a conversation never
 depends on which shard or actor ran it, and a resumed run redoes exactly the missing conversations.
+A shard's conversations take each turn together, in one batched greedy generation (the same replies
+as one at a time, float rounding aside; sampling runs one conversation at a time).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.persuasion import steering
 from interpflow.tasks.persuasion.evaluators import EvaluatorConfig, is_attempt, is_refusal, make_evaluator
@@ -83,6 +85,12 @@ class PersuadeeConfig(BaseModel):
     noise_sd: float = Field(2.0, ge=0, description="rule: belief noise per reply")
     attempt_markers: list[str] = Field(default_factory=list, description="rule: the phrases it perceives as "
                                        "attempts (default: the persuasion-related traits' markers)")
+
+    @model_validator(mode="after")
+    def _endpoint_has_url(self) -> PersuadeeConfig:
+        if self.backend == "endpoint" and not self.url:
+            raise ValueError("persuadee.backend=endpoint needs persuadee.url (an OpenAI-compatible API base)")
+        return self
 
 
 class NamedPrompt(BaseModel):
@@ -230,6 +238,7 @@ def conversation_shard(cfg: ApeConfig, shard, model, statements, vectors: dict |
                      "statement_id": row["id"], "category": row["category"], "statement": row["statement"],
                      "belief_pre": conv["pre"], "belief_post": post,
                      "persuadee_unparseable": conv["persuadee"].unparseable, "turns": conv["turns"],
+                     # its share of the batched turns, plus its own final-belief questions
                      "seconds": (time.perf_counter() - t0) + (t0 - started) / len(conversations)})
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     return {"conversations": table, "metrics": {"conversations": table.num_rows,
