@@ -294,14 +294,12 @@ def test_conversations_with_each_persuadee_backend(tiny_gpt2, backend):
     from interpflow.workflows.engine.graph import Shard
 
     statements = world.make_statements(world.WorldConfig(statements_per_category=2))
-    cfg = ape.ApeConfig(statements_per_category=1, categories=["harmful", "controversial"], turns=2, max_tokens=6,
-                        persuadee={"backend": backend, "max_tokens": 5, "reasks": 1, "shift": 10, "noise_sd": 0,
-                                   "attempt_markers": ["i see"]})
-    ids = ape.conversation_ids(cfg, statements)
-    assert ids == [f"{p}|{c}-000" for p in ("no_persuade", "neutral") for c in ("controversial", "harmful")]
     with FlakyServer(content="I doubt it: 55.") as server:
-        if backend == "endpoint":
-            cfg = cfg.model_copy(update={"persuadee": cfg.persuadee.model_copy(update={"url": server.url})})
+        cfg = ape.ApeConfig(statements_per_category=1, categories=["harmful", "controversial"], turns=2, max_tokens=6,
+                            persuadee={"backend": backend, "max_tokens": 5, "reasks": 1, "shift": 10, "noise_sd": 0,
+                                       "attempt_markers": ["i see"], "url": server.url})
+        ids = ape.conversation_ids(cfg, statements)
+        assert ids == [f"{p}|{c}-000" for p in ("no_persuade", "neutral") for c in ("controversial", "harmful")]
         out = ape.conversation_shard(cfg, Shard(0, 1, tuple(ids)), tiny_gpt2, statements)
     rows = out["conversations"].to_pylist()
     assert [r["id"] for r in rows] == ids and out["metrics"]["conversations"] == 4
