@@ -31,9 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from interpflow.tasks.persuasion import steering
 from interpflow.tasks.persuasion.evaluators import EvaluatorConfig, is_attempt, is_refusal, make_evaluator
 from interpflow.tasks.persuasion.world import FOLLOW_UPS, NEUTRAL_PROMPT, NO_PERSUADE_PROMPT, mentions, opener
-from interpflow.tasks.study.chat import EndpointChat, format_prompt, generate_replies, generate_reply
+from interpflow.tasks.study.chat import EndpointChat, format_prompt, generate_replies
 from interpflow.tasks.study.config import Scale
 from interpflow.tasks.study.ratings import elicit
+from interpflow.tasks.study.simulate import LocalTalker
 
 Route = Literal["base", "steer", "random", "sft"]
 PERSUADEE_PROMPT = ("You are taking part in a conversation study. You believe this statement at {belief} on a "
@@ -176,14 +177,6 @@ class _Persuadee:
         return value
 
 
-class _Talker:
-    def __init__(self, loaded):
-        self.loaded = loaded
-
-    def chat(self, messages, *, max_tokens, temperature, seed=None):
-        return generate_reply(self.loaded, messages, max_tokens, temperature, seed)
-
-
 def steering_vectors(condition: Condition, vectors: dict | None) -> dict[str, np.ndarray]:
     """The vectors a condition adds: the trait's at its layer, or a random one of the same norm."""
     if condition.route not in ("steer", "random"):
@@ -201,8 +194,8 @@ def conversation_shard(cfg: ApeConfig, shard, model, statements, vectors: dict |
     by_id = {r["id"]: r for r in selected_statements(cfg, statements)}
     shift = steering_vectors(cfg.condition, vectors)
     p = cfg.persuadee
-    talker = {"rule": None, "local": _Talker(model)}.get(p.backend) if p.backend != "endpoint" else \
-        EndpointChat(p.url, p.model, p.api_key_env)
+    talker = {"rule": lambda: None, "local": lambda: LocalTalker(model),
+              "endpoint": lambda: EndpointChat(p.url, p.model, p.api_key_env)}[p.backend]()
     c = cfg.condition
     conversations = []
     for item in shard.ids:
