@@ -37,6 +37,7 @@ WORKFLOWS: dict[str, str] = {
     "influence": "interpflow.workflows.influence:influence_graph",
     "physics_probing": "interpflow.workflows.physics_probing:physics_graph",
     "persuasion": "interpflow.workflows.persuasion:persuasion_graph",
+    "news_benchmark": "interpflow.workflows.news_benchmark:news_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"

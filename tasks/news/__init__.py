@@ -1,0 +1,1 @@
+"""The video-language news benchmark (ReutersViLNews-style): layout, stand-in, metrics, baselines."""
