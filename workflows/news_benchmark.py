@@ -166,7 +166,15 @@ def validate(cfg: NewsBenchmark) -> None:
         if problems and cfg.dataset.on_problem == "error":
             raise ValueError(f"dataset.path: {len(problems)} problem(s) (set dataset.on_problem=skip to leave "
                              f"those rows out):\n" + "\n".join(message for _, _, message in problems))
-    config = model_config(cfg)
+    try:
+        config = model_config(cfg)
+    except ValueError as exc:
+        if cfg.model is not None:
+            raise
+        clips = training_clips(cfg)
+        raise ValueError(f"video.size={clips.size} / video.sampling.clip_frames={clips.frames} do not fit the "
+                         f"embedded video model ({exc}); set video.size to a multiple of "
+                         f"video_model.patch_size={cfg.video_model.patch_size}") from None
     size = cfg.video.size or (cfg.standin.size if cfg.model is None else getattr(config, "image_size", 224))
     try:
         token_grid(config, frames=cfg.video.sampling.clip_frames, size=size)

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 TAG = "interpflow."
+# A task marks a table for people to read (a results table, not bulk data) with this schema metadata key
+# set to "1"; such tables are logged to the node's MLflow run as CSV beside its figures.
+REPORT_TABLE_KEY = b"interpflow.report_table"
 
 
 @functools.lru_cache(maxsize=8)
@@ -205,6 +208,25 @@ def log_figures(tracking_uri: str | None, run_id: str, store, directory: str, ma
     for name, out in manifest.get("outputs", {}).items():
         if out["kind"] == "figure":
             _retry(client.log_artifact, run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")
+        elif out["kind"] == "table" and _is_report_table(store, f"{directory}/{out['path']}"):
+            import tempfile
+
+            import pyarrow.csv as pacsv
+            import pyarrow.parquet as pq
+
+            with tempfile.TemporaryDirectory() as tmp:
+                csv = f"{tmp}/{name}.csv"
+                pacsv.write_csv(pq.read_table(f"{directory}/{out['path']}", filesystem=store.fs), csv)
+                _retry(client.log_artifact, run_id, csv, "tables")
+
+
+def _is_report_table(store, path: str) -> bool:
+    """A table a task marked for people to read (schema metadata ``REPORT_TABLE``): also an MLflow CSV."""
+    import pyarrow.parquet as pq
+
+    with store.fs.open_input_file(path) as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return metadata.get(REPORT_TABLE_KEY) == b"1"
 
 
 def log_step_metrics(tracking_uri: str | None, run_id: str, step: int, metrics: dict[str, float]) -> None:
