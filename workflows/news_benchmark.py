@@ -148,9 +148,10 @@ def news_graph(cfg: NewsBenchmark) -> Graph:
     if cfg.predictions is not None:
         systems["user"] = node(user_predictions, PredictionsFolder(path=cfg.predictions), name="user_predictions",
                                external={"predictions": prediction_files.folder_identity(cfg.predictions)})
+    submitted = prediction_files.tasks_in_folder(cfg.predictions) if cfg.predictions is not None else []
     scores = {}
     for task in prediction_files.TASKS:
-        inputs = {name: files[task] for name, files in systems.items()}
+        inputs = {name: files[task] for name, files in systems.items() if name != "user" or task in submitted}
         scores[task] = node(scoring.evaluate_task, cfg.evaluate.model_copy(update={"task": task}),
                             name=f"evaluate.{task}", items=items, **inputs)["metrics"]
     return Graph(node(scoring.news_report, cfg.report, name="news_report", **scores))

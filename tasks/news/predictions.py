@@ -9,7 +9,8 @@ One JSONL file per task in a predictions folder (any subset of the four)::
                         "ranking": ["<candidate id>", ...]}     (a text is named by its video's id)
 
 Scored on the test split. A test video without a prediction is scored as an empty prediction (worst
-case) and counted as missing; a prediction for an id outside the test split is counted and ignored.
+case) and counted as missing; a prediction for an id outside the test split is counted and ignored; a
+task without a file in the folder is not scored for that system.
 ``oracle`` writes the ground truth itself; ``shuffled`` gives every video another test video's truth
 (a random derangement) and random rankings: the chance level of every metric.
 """
@@ -68,6 +69,11 @@ def shuffled(items: pa.Table, seed: int = 0, split: str = "test") -> dict[str, p
     return out
 
 
+def tasks_in_folder(path: str) -> list[str]:
+    """The tasks a predictions folder has a file for (a task without one is not scored for that system)."""
+    return [task for task in TASKS if (Path(path) / f"{task}.jsonl").exists()]
+
+
 def read_folder(path: str) -> dict[str, pa.Table]:
     """The predictions files in a folder, each checked for its columns (one clear error per file)."""
     import pyarrow.json as pajson
@@ -76,7 +82,7 @@ def read_folder(path: str) -> dict[str, pa.Table]:
     if not folder.is_dir():
         raise ValueError(f"predictions {path!r} is not a folder; it should hold captioning.jsonl, "
                          f"paragraph.jsonl, keywords.jsonl and/or retrieval.jsonl")
-    found = {task: folder / f"{task}.jsonl" for task in TASKS if (folder / f"{task}.jsonl").exists()}
+    found = {task: folder / f"{task}.jsonl" for task in tasks_in_folder(path)}
     if not found:
         raise ValueError(f"predictions {path!r} holds none of {', '.join(t + '.jsonl' for t in TASKS)}")
     out = {}
