@@ -5,8 +5,9 @@
   CLIP on the train split (a Ray Train node: ``train`` is the engine's training context).
 * **Nearest-neighbour captions and paragraphs**: for each test video, the training text that the dual
   encoder ranks first; its caption and story are the predictions.
-* **Keyword classifier**: one-vs-rest logistic regression on video embeddings over the train split's
-  keyword vocabulary; a test video gets every keyword above ``threshold`` (at least ``min_keywords``).
+* **Keyword classifier**: a multi-label classifier (an MLP with one sigmoid output per keyword of the
+  train split's vocabulary) on video embeddings; a test video gets every keyword at or above
+  ``threshold`` (at least ``min_keywords``).
 """
 
 from __future__ import annotations
@@ -160,14 +161,15 @@ class KeywordClassifierConfig(BaseModel):
     min_count: int = Field(2, ge=1, description="keywords seen fewer times in the train split are not predicted")
     threshold: float = Field(0.5, gt=0, lt=1, description="predict a keyword at this probability or above")
     min_keywords: int = Field(1, ge=0, description="always predict at least this many (the most probable)")
+    hidden: int = Field(256, ge=0, description="hidden width of the classifier (0: linear, i.e. logistic regression)")
     steps: int = Field(500, ge=1)
-    lr: float = Field(0.05, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
 
 
 def keyword_predictions(cfg: KeywordClassifierConfig, items: pa.Table, **videos) -> dict:
-    """Node: a multi-label logistic classifier on video embeddings; the test split's keywords file."""
+    """Node: a multi-label classifier on video embeddings; the test split's keywords file."""
     from interpflow.tasks.news.metrics import normalise_keyword
 
     train_ids, test = split_ids(items, "train"), split_ids(items, "test")
@@ -188,8 +190,9 @@ def keyword_predictions(cfg: KeywordClassifierConfig, items: pa.Table, **videos)
             if normalise_keyword(k) in column:
                 y[r, column[normalise_keyword(k)]] = 1
     torch.manual_seed(cfg.seed)
-    head = torch.nn.Linear(x.shape[1], len(vocab))
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = torch.nn.Linear(x.shape[1], len(vocab)) if cfg.hidden == 0 else torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], cfg.hidden), torch.nn.GELU(), torch.nn.Linear(cfg.hidden, len(vocab)))
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     z = (x - mean) / std
     for _ in range(cfg.steps):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(z), y)
@@ -204,4 +207,4 @@ def keyword_predictions(cfg: KeywordClassifierConfig, items: pa.Table, **videos)
         chosen = [j for j in order if p[j] >= cfg.threshold] or list(order[:cfg.min_keywords])
         predicted.append([vocab[j] for j in chosen])
     return {"keywords": pa.table({"id": test, "keywords": predicted}),
-            "metrics": {"vocabulary": len(vocab), "train_loss": float(loss)}}
+            "metrics": {"vocabulary": len(vocab), "train_loss": float(loss.detach())}}

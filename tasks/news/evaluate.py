@@ -229,4 +229,30 @@ def news_report(cfg: NewsReportConfig, **tasks: dict) -> dict:
     for task, t in tasks.items():
         metrics.update({f"{task}.{k}": v for k, v in t.items() if k.startswith("baseline.")})
     headline = pa.Table.from_pylist(rows).replace_schema_metadata({"interpflow.report_table": "1"})
-    return {"headline": headline, "checks": checks, "metrics": metrics}
+    return {"headline": headline, "checks": checks, "metrics": metrics, "figure": headline_chart(tasks, checks)}
+
+
+HEADLINE_METRIC = {"captioning": "rouge_l", "paragraph": "rouge_l", "keywords": "f1", "retrieval": "video_to_text.r@1"}
+
+
+def headline_chart(tasks: dict[str, dict], checks: dict[str, bool]):
+    """One panel per task: each system's headline metric, chance as a dashed line; the checks beneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
+    for ax, (task, t) in zip(axes[0], tasks.items()):
+        metric = HEADLINE_METRIC[task]
+        systems = sorted({k[: -len(metric) - 1] for k in t if k.endswith("." + metric) and not k.startswith("chance.")})
+        ax.bar(systems, [t[f"{s}.{metric}"] for s in systems], color="tab:blue")
+        if f"chance.{metric}" in t:
+            ax.axhline(t[f"chance.{metric}"], ls="--", color="grey", label="chance")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{task}: {metric}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    lines = [f"[{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+    fig.text(0.01, -0.02, "\n".join(lines), va="top", family="monospace", fontsize=7)
+    fig.tight_layout()
+    return fig
