@@ -118,9 +118,9 @@ def train_dual_encoder(cfg: DualEncoderConfig, train, texts: pa.Table, items: pa
         opt.step()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             snapshot = {f"param.{k}": v.detach() for k, v in model.state_dict().items()}
-            train.report(step + 1, {"train_loss": float(loss)}, state={**snapshot, **_adam_state(opt, named)})
+            train.report(step + 1, {"train_loss": float(loss.detach())}, state={**snapshot, **_adam_state(opt, named)})
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"weights": weights, "metrics": {"train_loss": float(loss), "train_pairs": len(ids),
+    return {"weights": weights, "metrics": {"train_loss": float(loss.detach()), "train_pairs": len(ids),
                                             "resumed_from_step": start, "train_s": time.perf_counter() - started}}
 
 
