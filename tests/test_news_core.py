@@ -161,3 +161,33 @@ def test_oracle_scores_perfectly_and_shuffled_at_chance_on_every_task(copy_root)
     bad = evaluate.evaluate_task(evaluate.EvaluateConfig(task="retrieval"), items, **worst)["metrics"]
     assert bad["oracle.video_to_text.median_rank"] == 7 and bad["oracle.video_to_text.r@1"] == 0
     assert not evaluate.news_report(evaluate.NewsReportConfig(), retrieval=bad)["checks"]["retrieval.oracle_perfect"]
+
+
+def test_dual_encoder_resumes_exactly_from_its_checkpoint_and_learns_the_pairing():
+    import torch
+
+    from interpflow.tasks.news import baselines
+    from interpflow.workflows.engine.training import LocalTrainContext
+
+    rng = np.random.default_rng(0)
+    n, ids = 60, [f"v{i}" for i in range(60)]
+    latent = rng.normal(size=(n, 6)).astype(np.float32)
+    video = latent @ rng.normal(size=(6, 12)).astype(np.float32) + 0.05 * rng.normal(size=(n, 12)).astype(np.float32)
+    text = latent @ rng.normal(size=(6, 10)).astype(np.float32)
+    items = pa.table({"id": ids, "split": ["train"] * 40 + ["test"] * 20,
+                      "visual_description": ["x"] * n, "story_description": ["x"] * n, "title": ["x"] * n})
+    videos = {"embed": pa.table({"id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(video.ravel()), 12)})}
+    texts = pa.table({"id": ids, "visual_description": pa.FixedSizeListArray.from_arrays(pa.array(text.ravel()), 10)})
+    cfg = baselines.DualEncoderConfig(steps=120, batch_size=16, checkpoint_every=50, dim=8, hidden=32)
+
+    whole = baselines.train_dual_encoder(cfg, LocalTrainContext(), texts, items, **videos)
+    first = LocalTrainContext()
+    baselines.train_dual_encoder(cfg.model_copy(update={"steps": 50}), first, texts, items, **videos)
+    resumed = baselines.train_dual_encoder(cfg, LocalTrainContext(resume_from=first.checkpoints[-1]), texts, items,
+                                           **videos)
+    assert resumed["metrics"]["resumed_from_step"] == 50
+    for name, value in whole["weights"].items():
+        assert torch.allclose(value, resumed["weights"][name], atol=1e-6), name
+    ranking = baselines.retrieval_predictions(cfg, whole["weights"], texts, items, **videos)["retrieval"].to_pylist()
+    hits = np.mean([r["ranking"][0] == r["id"] for r in ranking])
+    assert hits >= 5 / 20                                                     # 5x chance on held-out pairs
