@@ -1,0 +1,1 @@
+"""Tamper-resistance benchmark (TamperBench-style): world, attacks, defenses, judges, utility, aggregation."""
