@@ -38,6 +38,7 @@ WORKFLOWS: dict[str, str] = {
     "physics_probing": "interpflow.workflows.physics_probing:physics_graph",
     "persuasion": "interpflow.workflows.persuasion:persuasion_graph",
     "news_benchmark": "interpflow.workflows.news_benchmark:news_graph",
+    "tamper": "interpflow.workflows.tamper:tamper_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"

@@ -45,6 +45,33 @@ class Job:
         return f"{self.node}[{self.shard.name}]" if self.shard else self.node
 
 
+@dataclass(frozen=True)
+class NodeContext:
+    """What a node function that declares a ``node`` parameter is told about its own execution: where the
+    store is, its name and key, and its MLflow run (for nodes that run sub-steps of their own, such as a
+    hyperparameter sweep whose trials get child runs and durable per-trial commits)."""
+
+    store_uri: str
+    node: str
+    key: str
+    run_id: str
+    mlflow_uri: str | None
+    mlflow_run_id: str | None
+
+    def scratch(self, *parts: str) -> str:
+        """A durable directory of this node's own (under the store's ``.nodes/``), e.g. for sub-commits."""
+        return Store(self.store_uri).path(".nodes", self.node, self.key, *parts)
+
+
+def wants_context(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        return "node" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def target_dir(store: Store, job: Job) -> str:
     if job.shard is not None:
         return store.shard_path(job.node, job.key, job.shard.index, job.shard.count)
@@ -109,6 +136,9 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
             kwargs[resource_arg] = resource
         if job.shard is not None:
             kwargs["shard"] = job.shard
+        if wants_context(job.fn):
+            kwargs["node"] = NodeContext(job.store_uri, job.node, job.key, job.run_id, job.mlflow_uri,
+                                         job.mlflow_run_id)
         loaded = time.time()
         if job.training is not None:  # the trainer's rank 0 commits; a rerun resumes its checkpoint
             from interpflow.workflows.engine.training import run_training

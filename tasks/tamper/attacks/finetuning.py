@@ -60,8 +60,9 @@ class LoraFinetune(_Finetuning):
     finetune: FinetuneConfig = Field(FinetuneConfig(steps=60, batch_size=16, lr=5e-3, method="lora",
                                                     lora=LoraSettings(r=8), checkpoint_every=1000))
 
-    def training_config(self) -> FinetuneConfig:
-        return self.finetune.model_copy(update={"method": "lora"})
+    def model_post_init(self, _) -> None:
+        if self.finetune.method != "lora":     # a partial finetune section must not fall back to full weights
+            self.finetune = self.finetune.model_copy(update={"method": "lora"})
 
 
 class BenignFinetune(_Finetuning):
