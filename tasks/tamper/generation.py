@@ -104,8 +104,11 @@ def completion_loss(loaded, prompts: list[str], targets: list[str], tampering: T
     full = [p + " " + t for p, t in zip(prompts, targets)]
     ids, mask = prompt_batch(tok, full, loaded.device)
     lengths = [len(tok(" " + t, verbose=False, add_special_tokens=False)["input_ids"]) for t in targets]
-    logits = _logits(loaded, ids, mask, tampering)
     k = 0 if tampering.soft_prompt is None else len(tampering.soft_prompt)
+    room = loaded.max_length - k
+    if ids.shape[1] > room:          # keep the targets: cut the prompts from the left
+        ids, mask = ids[:, -room:], mask[:, -room:]
+    logits = _logits(loaded, ids, mask, tampering)
     losses = []
     for row, n in enumerate(lengths):
         target = ids[row, -n:]
