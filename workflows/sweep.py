@@ -58,11 +58,22 @@ class SearchDimension(BaseModel):
         return (tune.loguniform if self.kind == "loguniform" else tune.uniform)(self.low, self.high)
 
 
+TRIAL_SLOT_CPUS = 0.01    # what a trial asks Ray for inside its sweep's reservation (Tune needs a nonzero bundle)
+
+
 class SweepSettings(BaseModel):
+    """A sweep node reserves ``concurrent_trials x trial_cpus`` CPUs and runs its trials inside that
+    reservation, so sweeps side by side never oversubscribe the cluster (on 2 cores with the defaults, one
+    sweep at a time with two trials at once)."""
+
     model_config = ConfigDict(extra="forbid")
-    concurrent_trials: int = Field(2, ge=1, description="trials run at once (within the CPUs Ray has)")
-    trial_cpus: float = Field(1.0, gt=0, description="CPUs each trial holds")
+    concurrent_trials: int = Field(2, ge=1, description="trials run at once")
+    trial_cpus: float = Field(1.0, gt=0, description="CPUs each trial may use (torch threads follow it)")
     seed: int = Field(0, description="seeds the TPE sampler")
+
+    def node_cpus(self) -> float:
+        """What the sweep node asks Ray for: its trials' CPUs, less the slots the trials ask for themselves."""
+        return max(0.0, self.concurrent_trials * (self.trial_cpus - TRIAL_SLOT_CPUS))
 
 
 @dataclass
@@ -126,7 +137,10 @@ def _trial(values: dict, *, setup: dict) -> None:
     """A Tune trial: a committed result is returned as it is; otherwise ``compute`` runs and commits."""
     from ray import tune
 
+    import torch
+
     node, identity, compute = setup["node"], setup["identity"], setup["compute"]
+    torch.set_num_threads(max(1, int(setup["threads"])))
     store = Store(node.store_uri)
     key = trial_key(identity, values)
     directory = node.scratch("trials", key)
@@ -169,7 +183,8 @@ def run_sweep(node, identity: dict, space: dict[str, SearchDimension], trials: i
 
     logging.getLogger("ray.tune").setLevel(logging.WARNING)    # Tune's per-save INFO lines would flood the run
     store = Store(node.store_uri)
-    setup = {"node": node, "identity": identity, "compute": compute, "metric": metric, "failed_value": failed_value}
+    setup = {"node": node, "identity": identity, "compute": compute, "metric": metric, "failed_value": failed_value,
+             "threads": settings.trial_cpus}
 
     # Tune registers a trainable cluster-wide under its function's name: sweeps running side by side need
     # names of their own, or they would run each other's trials.
@@ -177,7 +192,7 @@ def run_sweep(node, identity: dict, space: dict[str, SearchDimension], trials: i
         _trial(values, setup=setup)
 
     trial.__name__ = trial.__qualname__ = f"trial-{node.node}-{node.key[:16]}"
-    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": settings.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": TRIAL_SLOT_CPUS})
     if space:
         searcher = OptunaSearch(metric=metric, mode="max",
                                 sampler=optuna.samplers.TPESampler(seed=settings.seed))

@@ -257,7 +257,7 @@ def tamper_graph(cfg: TamperStudy) -> Graph:
         inputs[f"baseline.{label}"] = baseline
         for attack in cfg.attacks:
             sweep = node(sweep_attack, SweepNode(attack=attack, evaluation=evaluation, sweep=cfg.sweep),
-                         name=f"sweep.{label}.{attack.name}", resources=Resources(num_cpus=0), model=model,
+                         name=f"sweep.{label}.{attack.name}", resources=Resources(num_cpus=cfg.sweep.node_cpus()), model=model,
                          prompts=prompts, questions=questions, baseline=baseline)
             inputs[f"trials.{label}.{attack.name}"] = sweep["trials"]
     report = ReportNode(aggregate=cfg.aggregate, models=list(candidates), attacks=[a.name for a in cfg.attacks],
