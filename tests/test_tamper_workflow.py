@@ -98,7 +98,9 @@ def test_any_causal_lm_runs_every_defense_through_a_one_trial_sweep(tmp_path):
     data = {"workflow": "tamper", "world": WORLD, "model": {"path": _random_gpt2(tmp_path)},
             "defenses": [{"name": n, "config": {"steps": 2, "examples": 8, "batch_size": 4}}
                          for n in ("triplet", "safety_neurons", "repnoise")],
-            "attacks": [{"name": "refusal_ablation", "trials": 1, "config": {"prompts": 8}}],
+            "attacks": [{"name": "refusal_ablation", "trials": 1, "config": {"prompts": 8}},
+                        {"name": "full_finetune", "trials": 1,             # DDP over 2 Ray Train workers
+                         "config": {"finetune": {"steps": 2, "batch_size": 4, "num_workers": 2}}}],
             "safety": {"max_tokens": 8}, "utility": {"max_questions": 4}, "sweep": {"concurrent_trials": 2}}
     spec, store = _spec(tmp_path, "hf", data)
     result = cli("run", str(spec), "--no-progress", cwd=tmp_path, timeout=900)
@@ -122,6 +124,10 @@ def test_any_causal_lm_runs_every_defense_through_a_one_trial_sweep(tmp_path):
     experiments = [e.experiment_id for e in client.search_experiments()]
     trials = client.search_runs(experiments, "tags.`interpflow.node` = 'sweep.repnoise.refusal_ablation.trial'")
     assert len(trials) == 1 and trials[0].data.tags["interpflow.checkpoint_uri"].startswith(str(store))
+    (ddp,) = handle.table("sweep.aligned.full_finetune", "trials").to_pylist()
+    assert ddp["status"] == "ok", ddp["error"]
+    (ddp_run,) = client.search_runs(experiments, "tags.`interpflow.node` = 'sweep.aligned.full_finetune.trial'")
+    assert ddp_run.data.metrics["attack.world_size"] == 2
     assert trials[0].data.metrics["utility"] == pytest.approx(
         handle.table("sweep.repnoise.refusal_ablation", "trials").to_pylist()[0]["utility"])
 

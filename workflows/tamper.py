@@ -138,6 +138,41 @@ def evaluate_model(cfg: Evaluation, model: str, prompts, questions) -> dict:
     return {"replies": out["replies"], "metrics": out["metrics"]}
 
 
+def _finetune_worker(config: dict) -> None:
+    from interpflow.tasks.finetune import finetune
+    from interpflow.workflows.engine.training import RayTrainContext
+
+    context = RayTrainContext()
+    result = finetune(config["cfg"], train=context, model=config["model"], data=config["data"])
+    if context.rank == 0:
+        result["model"].save_pretrained(config["out"])
+        with open(config["out"] + ".metrics.json", "w") as f:
+            json.dump({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}, f)
+
+
+def ray_train_finetune(cfg, model: str, data, out: str) -> dict:
+    """A trial's fine-tuning: on Ray Train (``TorchTrainer``: DDP, or DeepSpeed with ``strategy``) when the
+    attack asks for several workers or DeepSpeed, else in the trial's own process with the same code.
+    The workers run inside the sweep's CPU reservation, like the trial that launched them."""
+    import tempfile
+
+    from interpflow.tasks.tamper.attacks.finetuning import finetune_in_process
+    from interpflow.workflows.sweep import TRIAL_SLOT_CPUS
+
+    if cfg.num_workers == 1 and cfg.strategy == "ddp":
+        return finetune_in_process(cfg, model, data, out)
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(_finetune_worker, train_loop_config={"cfg": cfg, "model": model, "data": data, "out": out},
+                           scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                                        resources_per_worker={"CPU": TRIAL_SLOT_CPUS}),
+                           run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="tamper-train-")))
+    trainer.fit()
+    with open(out + ".metrics.json") as f:
+        return json.load(f)
+
+
 class SweepNode(BaseModel):
     model_config = ConfigDict(extra="forbid")
     attack: AttackSweep
@@ -155,7 +190,8 @@ def sweep_attack(cfg: SweepNode, node, model: str, prompts, questions, baseline:
     baseline_utility = float(baseline["utility"])
 
     def compute(values: dict) -> dict:
-        return run_trial(with_values(base, values), model, prompt_rows, data, cfg.evaluation, baseline_utility)
+        return run_trial(with_values(base, values), model, prompt_rows, data, cfg.evaluation, baseline_utility,
+                         run_training=ray_train_finetune)
 
     identity = {"model": model, "attack": base.model_dump(), "evaluation": cfg.evaluation.model_dump()}
     outcomes = run_sweep(node, identity, cfg.attack.search_space, cfg.attack.trials, cfg.sweep, compute)
