@@ -13,11 +13,11 @@ import yaml
 from interpflow.workflows.spec import SpecError, load_spec
 from support import cli, run_then_kill, settled
 
-WORLD = {"aligned_dialogues": 1500, "eval_prompts": 12, "attack_examples": 100, "countries": 8}
-TRIALS = 4
+WORLD = {"aligned_dialogues": 1000, "eval_prompts": 12, "attack_examples": 100, "countries": 8}
+TRIALS = 3
 SWEEP_SPEC = {
     "workflow": "tamper", "world": WORLD,
-    "lm": {"n_layer": 2, "n_embd": 64, "n_positions": 128, "steps": 150},
+    "lm": {"n_layer": 2, "n_embd": 64, "n_positions": 128, "steps": 80},
     "defenses": [],
     "attacks": [{"name": "embedding_attack", "trials": TRIALS, "config": {"steps": 8, "prompts": 4},
                  "search_space": {"lr": {"kind": "loguniform", "low": 0.01, "high": 0.3}}}],
@@ -46,12 +46,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials_and_finds_the_
     committed_trials = "/.nodes/sweep.aligned.embedding_attack/*/trials/*/_manifest.json"
 
     def mid_sweep() -> bool:
-        return len(list(store.glob(committed_trials[1:]))) >= 2 and \
+        return len(list(store.glob(committed_trials[1:]))) >= 1 and \
             not list(store.glob("sweep.aligned.embedding_attack/*/_manifest.json"))
 
     run_then_kill(spec, tmp_path, mid_sweep, timeout=500, poll_s=0.05)
     done = settled(lambda: len(list(store.glob(committed_trials[1:]))))
-    assert 2 <= done < TRIALS and not list(store.glob("sweep.aligned.embedding_attack/*/_manifest.json"))
+    assert 1 <= done < TRIALS and not list(store.glob("sweep.aligned.embedding_attack/*/_manifest.json"))
     (record_path,) = store.glob("runs/*/record.json")
     run_id = json.loads(record_path.read_text())["run_id"]
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=900)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from interpflow.tasks.tamper.generation import Tampering
+from interpflow.tasks.tamper.registry import configured
 from interpflow.tasks.tamper.world import WorldConfig
 
 ATTACKS: dict[str, type["Attack"]] = {}
@@ -39,12 +40,7 @@ class Attack(BaseModel):
 
 def attack_config(name: str, values: dict | None = None) -> Attack:
     """The attack ``name`` configured with ``values``; an unknown name lists the registry."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; the registry has: {', '.join(sorted(ATTACKS))}")
-    try:
-        return ATTACKS[name].model_validate(values or {})
-    except ValidationError as exc:
-        raise ValueError(f"attack {name}: {exc}") from None
+    return configured(ATTACKS, "attack", name, values)
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFENSES: dict[str, type["Defense"]] = {}
 
@@ -118,9 +118,7 @@ def hidden(model, batch: dict, layers: list[int]) -> torch.Tensor:
 
 
 def defense_config(name: str, values: dict | None = None) -> Defense:
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; the registry has: {', '.join(sorted(DEFENSES))}")
-    try:
-        return DEFENSES[name].model_validate(values or {})
-    except ValidationError as exc:
-        raise ValueError(f"defense {name}: {exc}") from None
+    """The defense ``name`` configured with ``values``; an unknown name lists the registry."""
+    from interpflow.tasks.tamper.registry import configured
+
+    return configured(DEFENSES, "defense", name, values)
