@@ -208,7 +208,8 @@ def log_figures(tracking_uri: str | None, run_id: str, store, directory: str, ma
     for name, out in manifest.get("outputs", {}).items():
         if out["kind"] == "figure":
             _retry(client.log_artifact, run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")
-        elif out["kind"] == "table" and _is_report_table(store, f"{directory}/{out['path']}"):
+        elif out["kind"] == "table" and "shards" not in manifest \
+                and _is_report_table(store, f"{directory}/{out['path']}"):   # a sharded node's tables are bulk data
             import tempfile
 
             import pyarrow.csv as pacsv
