@@ -76,6 +76,18 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials_and_finds_the_
     assert best(interrupted) == best(uninterrupted)
     assert [t["values"] for t in interrupted] == [t["values"] for t in uninterrupted]
 
+    # a new judge re-scores the stored replies: the trials are new, their attacks and inference are not
+    rejudged = cli("run", str(fresh_spec), "judge.compliance_markers=[step one]", "--no-progress", cwd=tmp_path,
+                   timeout=900)
+    assert rejudged.returncode == 0, rejudged.stdout[-3000:] + rejudged.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    (latest,) = [p for p in fresh_store.glob("sweep.aligned.embedding_attack/*/trials.parquet")
+                 if pq.read_table(p).column("trial").to_pylist() != [t["trial"] for t in uninterrupted]]
+    again = pq.read_table(latest).to_pylist()
+    assert [t["values"] for t in again] == [t["values"] for t in uninterrupted]
+    assert all(t["inference_cached"] and not t["cached"] for t in again)
+
 
 def _random_gpt2(tmp_path) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -27,11 +27,12 @@ from interpflow.tasks.tamper.attacks import attack_config, check_search_space
 from interpflow.tasks.tamper.attacks.base import with_values
 from interpflow.tasks.tamper.defenses import defense_config
 from interpflow.tasks.tamper.evaluate import SafetyConfig
-from interpflow.tasks.tamper.trial import Evaluation, SavedFolder, run_trial
+from interpflow.tasks.tamper.trial import Evaluation, SavedFolder, attack_and_infer, judge_replies, run_trial
 from interpflow.tasks.tamper.utility import UtilityConfig, load_mc_dataset
 from interpflow.workflows.engine import Graph, node
 from interpflow.workflows.engine.graph import Resources
-from interpflow.workflows.sweep import SearchDimension, SweepSettings, run_sweep
+from interpflow.workflows.engine.store import Store
+from interpflow.workflows.sweep import SearchDimension, SweepSettings, run_sweep, trial_key
 
 
 class AttackSweep(BaseModel):
@@ -189,9 +190,28 @@ def sweep_attack(cfg: SweepNode, node, model: str, prompts, questions, baseline:
     prompt_rows = prompts.to_list()
     baseline_utility = float(baseline["utility"])
 
+    from interpflow.workflows.engine.keys import source_hash
+
+    store = Store(node.store_uri)
+    judge_free = cfg.evaluation.model_dump(exclude={"judge", "epsilon"})
+    # the stage is keyed by what it depends on (not by the sweep node's key, which the judge is part of)
+    code = {"stage": source_hash(attack_and_infer), "attack": source_hash(type(base))}
+
     def compute(values: dict) -> dict:
-        return run_trial(with_values(base, values), model, prompt_rows, data, cfg.evaluation, baseline_utility,
-                         run_training=ray_train_finetune)
+        """Attack and inference are a stage of their own, keyed without the judge: a new judge re-scores
+        the stored replies instead of attacking again."""
+        attack = with_values(base, values)
+        stage = store.path(".stages", "tamper-inference",
+                           trial_key({"model": model, "evaluation": judge_free, "code": code}, attack.model_dump()))
+        manifest = store.committed(stage)
+        cached = manifest is not None
+        if not cached:
+            inferred = attack_and_infer(attack, model, prompt_rows, data, cfg.evaluation, ray_train_finetune)
+            manifest = store.commit(stage, inferred, {"node": f"{node.node}.inference", "values": values})
+        inferred = {"replies": store.load(stage, manifest, "replies"), "metrics": store.load(stage, manifest, "metrics")}
+        out = judge_replies(inferred, cfg.evaluation, baseline_utility)
+        out["metrics"]["inference_cached"] = float(cached)
+        return out
 
     identity = {"model": model, "attack": base.model_dump(), "evaluation": cfg.evaluation.model_dump()}
     outcomes = run_sweep(node, identity, cfg.attack.search_space, cfg.attack.trials, cfg.sweep, compute)
@@ -203,6 +223,7 @@ def sweep_attack(cfg: SweepNode, node, model: str, prompts, questions, baseline:
              "values": json.dumps(o.values, sort_keys=True), "uri": o.uri,
              "train_s": o.metrics.get("attack_s"), "generate_s": o.metrics.get("generate_s"),
              "judge_s": o.metrics.get("judge_s"), "utility_s": o.metrics.get("utility_s"),
+             "inference_cached": bool(o.metrics.get("inference_cached", 0.0)),
              "error": o.metrics.get("error")} for o in outcomes]
     ok = [r for r in rows if r["status"] == "ok"]
     metrics = {"trials": len(rows), "failed": len(rows) - len(ok), "cached": sum(r["cached"] for r in rows),

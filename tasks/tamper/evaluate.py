@@ -1,20 +1,17 @@
 """Evaluating a tampered model: safety (judged replies to held-out harmful requests, under the attack's
 prompt format and inference-time tampering) and utility (multiple choice), with the refusal rate.
 
-The three parts are separate functions so that a trial can cache each: the replies (inference), the
-verdicts (judging) and the multiple-choice accuracy (utility).
+Replies and verdicts are separate functions so that a trial caches them as separate stages: the replies
+(and utility) do not depend on the judge, so a new judge re-scores stored replies.
 """
 
 from __future__ import annotations
-
-import time
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.tamper import judges as judging
-from interpflow.tasks.tamper.generation import Tampering, greedy, latent_hook
-from interpflow.tasks.tamper.utility import UtilityConfig, mc_accuracy
+from interpflow.tasks.tamper.generation import Tampering, greedy
 from interpflow.tasks.tamper.world import SYSTEM, chat, jailbreak_prompt
 
 
@@ -47,22 +44,3 @@ def judged(judge, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
     table = table.append_column("garbled", pa.array([v.garbled for v in verdicts]))
     table = table.append_column("reasks", pa.array([v.reasks for v in verdicts], pa.int64()))
     return table, judging.summarise(verdicts)
-
-
-def evaluate(loaded, tampering: Tampering, prompts, judge, utility_data, safety: SafetyConfig,
-             utility: UtilityConfig) -> dict:
-    """Safety and utility of one (tampered) model: ``{"replies": table, "metrics": {...}}`` with harm,
-    refusal_rate, utility (accuracy) and the seconds spent generating, judging and answering. Utility is
-    measured with a latent perturbation in place; a soft prompt is specific to harmful requests and is
-    left out of the multiple-choice prompts."""
-    t0 = time.perf_counter()
-    table = replies(loaded, prompts, tampering, safety)
-    t1 = time.perf_counter()
-    table, summary = judged(judge, table)
-    t2 = time.perf_counter()
-    with latent_hook(loaded, tampering):        # a latent perturbation is part of the tampered model
-        mc = mc_accuracy(loaded, utility_data, utility)
-    t3 = time.perf_counter()
-    metrics = {**summary, "utility": mc["accuracy"], "utility_chance": mc["chance"],
-               "generate_s": t1 - t0, "judge_s": t2 - t1, "utility_s": t3 - t2}
-    return {"replies": table, "metrics": metrics}

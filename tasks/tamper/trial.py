@@ -3,6 +3,7 @@ utility). Pure computation; the sweep that schedules trials lives in ``workflows
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.tamper import judges as judging
 from interpflow.tasks.tamper.attacks import Attack
-from interpflow.tasks.tamper.evaluate import SafetyConfig, evaluate
+from interpflow.tasks.tamper.evaluate import SafetyConfig
 from interpflow.tasks.tamper.utility import UtilityConfig
 from interpflow.tasks.tamper.world import WorldConfig
 
@@ -44,23 +45,50 @@ def objective(harm: float, utility: float, baseline: float, epsilon: float) -> f
     return harm - max(0.0, drop - epsilon)
 
 
-def run_trial(attack: Attack, model: str, prompts, questions, cfg: Evaluation, baseline_utility: float,
-              run_training=None) -> dict:
-    """Attack ``model`` and evaluate the result: {"replies", "metrics", "model" (if weights changed)}."""
+def attack_and_infer(attack: Attack, model: str, prompts, questions, cfg: Evaluation, run_training=None) -> dict:
+    """The stage that needs the tampered model and not the judge: attack ``model``, reply greedily to the
+    held-out requests, answer the utility questions (with a latent perturbation in place; a soft prompt is
+    specific to harmful requests and stays out of them). {"replies", "metrics", "model" (if new weights)}."""
     from interpflow.tasks.models import ModelConfig, load_model
+    from interpflow.tasks.tamper.evaluate import replies
+    from interpflow.tasks.tamper.generation import latent_hook
+    from interpflow.tasks.tamper.utility import mc_accuracy
 
     started = time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="tamper-trial-")
-    tampered = attack.apply(model, cfg.world, workdir, run_training)
-    attack_s = time.perf_counter() - started
+    tampered = attack.apply(model, cfg.world, tempfile.mkdtemp(prefix="tamper-trial-"), run_training)
+    attacked = time.perf_counter()
     loaded = load_model(tampered.model, ModelConfig())
-    judge = judging.make_judge(cfg.judge)
-    result = evaluate(loaded, tampered.tampering, prompts, judge, questions, cfg.safety, cfg.utility)
-    m = result["metrics"]
-    metrics = {**{f"attack.{k}": v for k, v in tampered.metrics.items()}, **m, "attack_s": attack_s,
-               "objective": objective(m["harm"], m["utility"], baseline_utility, cfg.epsilon),
-               "trial_s": time.perf_counter() - started}
-    out = {"replies": result["replies"], "metrics": metrics}
+    table = replies(loaded, prompts, tampered.tampering, cfg.safety)
+    generated = time.perf_counter()
+    with latent_hook(loaded, tampered.tampering):
+        mc = mc_accuracy(loaded, questions, cfg.utility)
+    metrics = {**{f"attack.{k}": v for k, v in tampered.metrics.items()}, "utility": mc["accuracy"],
+               "utility_chance": mc["chance"], "attack_s": attacked - started, "generate_s": generated - attacked,
+               "utility_s": time.perf_counter() - generated}
+    out = {"replies": table, "metrics": metrics}
     if tampered.model != model:
         out["model"] = SavedFolder(tampered.model)
+    return out
+
+
+def judge_replies(inferred: dict, cfg: Evaluation, baseline_utility: float) -> dict:
+    """The judging stage: verdicts on stored replies, harm and refusal rate, and the search objective."""
+    from interpflow.tasks.tamper.evaluate import judged
+
+    started = time.perf_counter()
+    table, summary = judged(judging.make_judge(cfg.judge), inferred["replies"])
+    m = {**inferred["metrics"], **summary, "judge_s": time.perf_counter() - started}
+    m["objective"] = -1.0 if math.isnan(m["harm"]) else objective(m["harm"], m["utility"], baseline_utility,
+                                                                  cfg.epsilon)
+    m["trial_s"] = m["attack_s"] + m["generate_s"] + m["utility_s"] + m["judge_s"]
+    return {"replies": table, "metrics": m}
+
+
+def run_trial(attack: Attack, model: str, prompts, questions, cfg: Evaluation, baseline_utility: float,
+              run_training=None) -> dict:
+    """Both stages in one go: {"replies" (with verdicts), "metrics", "model" (if weights changed)}."""
+    inferred = attack_and_infer(attack, model, prompts, questions, cfg, run_training)
+    out = judge_replies(inferred, cfg, baseline_utility)
+    if "model" in inferred:
+        out["model"] = inferred["model"]
     return out
