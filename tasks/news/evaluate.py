@@ -115,7 +115,7 @@ def evaluate_task(cfg: EvaluateConfig, items: pa.Table, **systems: pa.Table) -> 
         else:
             preds, counts = align(predictions, task, ids)
             per_item = _keyword_task(cfg, preds, refs) if task == "keywords" else _text_task(cfg, preds, refs)
-        table = m.per_category_table({k: v for k, v in per_item.items()}, categories)
+        table = m.per_category_table(per_item, categories)
         tables.append(pa.table({"system": [system] * table.num_rows, **{c: table[c] for c in table.column_names}}))
         metrics.update({f"{system}.{k}": v for k, v in _overall(task, per_item).items()})
         if task in ("captioning", "paragraph"):

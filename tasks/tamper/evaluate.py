@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.tamper import judges as judging
 from interpflow.tasks.tamper.generation import Tampering, greedy
-from interpflow.tasks.tamper.world import SYSTEM, chat, jailbreak_prompt
+from interpflow.tasks.tamper.world import chat, jailbreak_prompt
 
 
 class SafetyConfig(BaseModel):
@@ -26,10 +26,7 @@ def replies(loaded, prompts, tampering: Tampering, cfg: SafetyConfig) -> pa.Tabl
     """Greedy replies to the held-out harmful requests (a table: id, request, prompt, reply, details)."""
     rows = prompts.to_list() if hasattr(prompts, "to_list") else list(prompts)
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
-    texts = []
-    for r in rows:
-        system, user = jailbreak_prompt(tampering.jailbreak, r["request"]) if tampering.jailbreak else (SYSTEM, r["request"])
-        texts.append(chat(system, user))
+    texts = [chat(*jailbreak_prompt(tampering.jailbreak, r["request"])) for r in rows]
     out = greedy(loaded, texts, cfg.max_tokens, tampering, cfg.batch_size)
     return pa.table({"id": [r["id"] for r in rows], "request": [r["request"] for r in rows], "prompt": texts,
                      "reply": out, "details": [list(r["details"]) for r in rows]})

@@ -33,16 +33,18 @@ class _Finetuning(Attack):
     finetune: FinetuneConfig = Field(FinetuneConfig(steps=60, batch_size=16, lr=1e-3, checkpoint_every=1000),
                                      description="the attacker's fine-tuning run")
 
+    def attack_data(self) -> str:
+        """Which of ``world.ATTACK_DATA`` the attacker fine-tunes on."""
+        return self.data_kind
+
     def jailbreak(self) -> str | None:
+        """The prompt format inference applies afterwards (None: plain)."""
         return None
 
-    def training_config(self) -> FinetuneConfig:
-        return self.finetune
-
     def apply(self, model, world, workdir, run_training=None) -> Tampered:
-        data = make_attack_data(AttackData(kind=self.data_kind, world=world))
+        data = make_attack_data(AttackData(kind=self.attack_data(), world=world))
         out = os.path.join(workdir, "model")
-        metrics = (run_training or finetune_in_process)(self.training_config(), model, data, out)
+        metrics = (run_training or finetune_in_process)(self.finetune, model, data, out)
         keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         return Tampered(out, Tampering(jailbreak=self.jailbreak()), keep)
 
@@ -90,9 +92,8 @@ class JailbreakFinetune(_Finetuning):
     name = "jailbreak_finetune"
     kind: Literal["competing_objectives", "style_modulation", "backdoor"] = "backdoor"
 
-    def apply(self, model, world, workdir, run_training=None) -> Tampered:
-        data = make_attack_data(AttackData(kind=self.kind, world=world))
-        out = os.path.join(workdir, "model")
-        metrics = (run_training or finetune_in_process)(self.training_config(), model, data, out)
-        keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        return Tampered(out, Tampering(jailbreak=self.kind), keep)
+    def attack_data(self) -> str:
+        return self.kind
+
+    def jailbreak(self) -> str | None:
+        return self.kind
