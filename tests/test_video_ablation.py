@@ -8,7 +8,7 @@ from transformers import (
     TimesformerConfig, TimesformerModel, VideoMAEConfig, VideoMAEModel, VivitConfig, VivitModel,
 )
 
-from interpflow.tasks.video.ablation import IMPLEMENTATION, _attention_modules, ablate, ablation_mask
+from interpflow.tasks.video.ablation import IMPLEMENTATION, attention_modules, ablate, ablation_mask
 from interpflow.tasks.video.layout import TokenGrid, token_grid
 
 FRAMES = 4
@@ -59,14 +59,14 @@ def test_no_layers_is_the_plain_forward_and_restores(name):
         torch.testing.assert_close(_run(model, x), plain, atol=1e-5, rtol=0)
     assert model.config._attn_implementation == before
     with ablate(model, [1], "all", grid):                          # only block 1's attention is marked
-        marked = [hasattr(m, "_interpflow_ablation_mask") for m in _attention_modules(model)]
+        marked = [hasattr(m, "_interpflow_ablation_mask") for m in attention_modules(model)]
         assert marked == [False, True]
         assert _changed(_run(model, x), plain).any()
     with pytest.raises(RuntimeError, match="boom"):
         with ablate(model, [0, 1], "cross_frame", grid):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == before
-    assert not any(hasattr(m, "_interpflow_ablation_mask") for m in _attention_modules(model))
+    assert not any(hasattr(m, "_interpflow_ablation_mask") for m in attention_modules(model))
     torch.testing.assert_close(_run(model, x), plain, atol=1e-5, rtol=0)
 
 

@@ -83,7 +83,7 @@ def _ablated_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 AttentionInterface.register(IMPLEMENTATION, _ablated_attention)
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of each encoder block, in block order (the first block list of full depth)."""
     depth = model.config.num_hidden_layers
     for _, blocks in model.named_modules():
@@ -116,7 +116,7 @@ def ablate(model: nn.Module, layers: list[int], kind: Kind, grid: TokenGrid, win
     if bad:
         raise ValueError(f"layers={list(layers)}: {bad} out of range; valid block indices are 0..{depth - 1}")
     mask = ablation_mask(kind, grid, window_frames, window_patches)
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     previous = config._attn_implementation
     try:
         model.set_attn_implementation(IMPLEMENTATION)

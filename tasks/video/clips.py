@@ -234,21 +234,21 @@ def _twins(rng, cfg: ClipConfig, pos, vel, acc):
 
 # --------------------------------------------------------------------------------------- rendering
 
-def _coverage(centres, cfg: ClipConfig, wrap: bool) -> np.ndarray:
+def disc_coverage(centres, size: int, radius: float, wrap: bool) -> np.ndarray:
     """Soft disc coverage in [0, 1], shape (..., size, size), for centres (..., 2).
 
     Coverage is clip(radius + 0.5 - d, 0, 1) with d the distance from the pixel centre (a one-pixel
     linear edge), so coverage >= 0.5 exactly where d <= radius.
     """
-    c = np.arange(cfg.size, dtype=np.float32) + 0.5
+    c = np.arange(size, dtype=np.float32) + 0.5
     dx = c - centres[..., 0:1].astype(np.float32)
     dy = c - centres[..., 1:2].astype(np.float32)
     if wrap:
-        half = cfg.size / 2
-        dx = np.mod(dx + half, cfg.size) - half
-        dy = np.mod(dy + half, cfg.size) - half
+        half = size / 2
+        dx = np.mod(dx + half, size) - half
+        dy = np.mod(dy + half, size) - half
     d = np.sqrt(dy[..., :, None] ** 2 + dx[..., None, :] ** 2)
-    return np.clip(np.float32(cfg.radius + 0.5) - d, 0.0, 1.0)
+    return np.clip(np.float32(radius + 0.5) - d, 0.0, 1.0)
 
 
 def distractor_colour(channels: int) -> np.ndarray:
@@ -268,12 +268,12 @@ def _render(positions, distractor_pos, cfg: ClipConfig):
     dcol = distractor_colour(C)
     for s in range(0, n, _CHUNK):
         e = min(s + _CHUNK, n)
-        cov = _coverage(positions[s:e], cfg, wrap)                              # (c, T, L, L)
+        cov = disc_coverage(positions[s:e], cfg.size, cfg.radius, wrap)                # (c, T, L, L)
         masks[s:e] = cov >= 0.5
         if not distractor_pos.shape[1]:                                        # grey levels, one pass
             frames[s:e] = np.rint(cov * np.float32(255.0 * BALL_COLOUR)).astype(np.uint8)[..., None]
             continue
-        under = _coverage(distractor_pos[s:e], cfg, wrap).max(axis=1)[:, None]  # (c, 1, L, L)
+        under = disc_coverage(distractor_pos[s:e], cfg.size, cfg.radius, wrap).max(axis=1)[:, None]  # (c, 1, L, L)
         for k, colour in enumerate(dcol):        # ball over distractor: u + cov * (ball - u), per channel
             u = under * np.float32(255.0 * colour)
             frames[s:e, ..., k] = np.rint(u + cov * (np.float32(255.0 * BALL_COLOUR) - u))
@@ -294,7 +294,7 @@ def _features(cfg: ClipConfig) -> datasets.Features:
     return datasets.Features(cols)
 
 
-def _fixed_array(values: np.ndarray, feature) -> pa.ChunkedArray:
+def fixed_array(values: np.ndarray, feature) -> pa.ChunkedArray:
     """A datasets ArrayND column built from contiguous numpy blocks (no per-row Python objects).
 
     Chunks keep every chunk's innermost offsets inside int32 (the storage is list<...>, not large_list).
@@ -349,7 +349,7 @@ def make_clips(cfg: ClipConfig) -> datasets.Dataset:
              "violation_frame": pa.array(np.r_[np.full(n, -1, np.int64), vframes])}
     table.update({name: pa.array(np.asarray(values, dtype=np.float64)[rows]) for name, values in scalars.items()})
     for name, values in (("positions", positions), ("frames", frames), ("masks", masks)):
-        table[name] = _fixed_array(values, features[name])
+        table[name] = fixed_array(values, features[name])
     # A fingerprint from the config and this module's source: datasets would otherwise hash the whole
     # in-memory table (pickling every frame), which costs more than generating it.
     fingerprint = hashlib.sha256(Path(__file__).read_bytes() + cfg.model_dump_json().encode()).hexdigest()[:16]

@@ -106,14 +106,19 @@ class VideoModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(path)
-        size = self.encoder.config.image_size
-        (path / PREPROCESSOR_FILE).write_text(json.dumps({   # what VideoMAEImageProcessor reads
-            "image_processor_type": "VideoMAEImageProcessor", "image_mean": self.mean, "image_std": self.std,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": False,
-            "do_center_crop": False, "size": {"height": size, "width": size}}, indent=2))
+        write_preprocessor(path, self.mean, self.std, self.encoder.config.image_size)
         save_file({k: v.contiguous() for k, v in self.objective.state_dict().items()}, str(path / OBJECTIVE_FILE))
         if self.metrics:
             (path / "training_metrics.json").write_text(json.dumps(self.metrics, indent=2, sort_keys=True))
+
+
+def write_preprocessor(path, mean: list[float], std: list[float], size: int,
+                       processor: str = "VideoMAEImageProcessor") -> None:
+    """The image-processor file a hub repo carries: the pixel statistics the model was trained with."""
+    (Path(path) / PREPROCESSOR_FILE).write_text(json.dumps({
+        "image_processor_type": processor, "image_mean": mean, "image_std": std,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_resize": False,
+        "do_center_crop": False, "size": {"height": size, "width": size}}, indent=2))
 
 
 def pixel_stats(model_path: str) -> tuple[list[float], list[float]]:
