@@ -104,24 +104,25 @@ def convex_nmf(x: np.ndarray, k: int, seed: int = 0, iters: int = 300) -> Cluste
     return Clustering(labels, centroids, inertia)
 
 
-def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette coefficient (Rousseeuw, 1987); 0 when there is one cluster. A point alone in its
-    cluster scores 0, as in scikit-learn."""
+def silhouette_samples(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Silhouette coefficient of every point (Rousseeuw, 1987): (b - a) / max(a, b) with a the mean
+    distance to its own cluster and b to the nearest other one; 0 for a point alone in its cluster
+    and for everything when there is one cluster (as scikit-learn)."""
     x = np.asarray(x, dtype=np.float64)
     labels = np.asarray(labels)
     names = np.unique(labels)
     if len(names) < 2:
-        return 0.0
+        return np.zeros(len(x))
     d = np.sqrt(_sq_dists(x, x))
-    scores = np.zeros(len(x))
     member = labels[:, None] == names[None, :]                   # (n, clusters)
-    sums = d @ member                                           # distance sums to each cluster
-    counts = member.sum(0)
-    for i in range(len(x)):
-        own = int(np.flatnonzero(names == labels[i])[0])
-        if counts[own] < 2:
-            continue
-        a = sums[i, own] / (counts[own] - 1)
-        b = min(sums[i, j] / counts[j] for j in range(len(names)) if j != own)
-        scores[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
-    return float(scores.mean())
+    sums, counts = d @ member, member.sum(0)                     # distance sums to each cluster
+    own = np.searchsorted(names, labels)
+    a = sums[np.arange(len(x)), own] / np.maximum(counts[own] - 1, 1)
+    b = np.where(member, np.inf, sums / counts[None, :]).min(1)
+    s = (b - a) / np.maximum(np.maximum(a, b), 1e-300)
+    return np.where(counts[own] > 1, s, 0.0)
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette coefficient over all points."""
+    return float(silhouette_samples(x, labels).mean())

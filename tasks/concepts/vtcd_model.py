@@ -1,0 +1,105 @@
+"""The embedded video classifier for VTCD: a tiny ``transformers`` VideoMAE for video classification.
+
+Tubelet size 1, so a token sees one frame: the label (the ball's direction) can only come from
+attention across frames, which is what VTCD's masking of keys at concept tokens probes. The
+classifier trains on fresh clips of its own seed, never on the clips whose concepts are discovered,
+and is saved as a hub-style folder (weights, config with the class names, pixel statistics).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from interpflow.tasks.concepts.vtcd_clips import CLASSES, ConceptClipConfig, make_concept_clips
+from interpflow.tasks.video.clips import column, pixel_values
+from interpflow.tasks.video.model import write_preprocessor
+
+_TRAIN_SEED_OFFSET = 7_000_003
+
+
+class VideoClassifierConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(32, ge=8, description="residual stream width; a multiple of heads")
+    layers: int = Field(4, ge=1, le=24)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1, description="square patch side, pixels")
+    tubelet_size: int = Field(2, ge=1, description="frames per token")
+    train_clips: int = Field(2000, ge=20, description="fresh clips (own seed) it trains on")
+    eval_clips: int = Field(200, ge=10)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(2e-3, gt=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> VideoClassifierConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+def classifier_config(cfg: VideoClassifierConfig, clips: ConceptClipConfig):
+    from transformers import VideoMAEConfig
+
+    if clips.size % cfg.patch_size:
+        raise ValueError(f"video_model.patch_size={cfg.patch_size} must divide clips.size={clips.size}")
+    return VideoMAEConfig(image_size=clips.size, patch_size=cfg.patch_size, num_channels=clips.channels,
+                          num_frames=clips.frames, tubelet_size=cfg.tubelet_size, hidden_size=cfg.hidden_size,
+                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                          intermediate_size=cfg.intermediate_size, use_mean_pooling=True,
+                          id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+                          architectures=["VideoMAEForVideoClassification"])
+
+
+class ClassifierFolder:
+    """A trained classifier and its pixel statistics, saved like a hub repo."""
+
+    def __init__(self, model, mean: list[float], std: list[float]):
+        self.model, self.mean, self.std = model, mean, std
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path)
+        write_preprocessor(path, self.mean, self.std, self.model.config.image_size)
+
+
+def train_video_classifier(cfg: VideoClassifierConfig, clips: ConceptClipConfig) -> dict:
+    """Graph node: the trained classifier folder; held-out accuracy as a metric."""
+    from tqdm.auto import tqdm
+    from transformers import VideoMAEForVideoClassification
+
+    started = time.perf_counter()
+    config = classifier_config(cfg, clips)
+    data = make_concept_clips(clips.model_copy(update={"n_clips": cfg.train_clips + cfg.eval_clips,
+                                                       "seed": clips.seed + _TRAIN_SEED_OFFSET + cfg.seed}))
+    frames, labels = column(data, "frames"), torch.tensor(column(data, "label"))
+    flat = frames.reshape(-1, clips.channels)
+    mean = (flat.mean(0) / 255).tolist()
+    std = np.maximum(flat.std(0) / 255, 1e-3).tolist()
+    torch.manual_seed(cfg.seed)
+    model = VideoMAEForVideoClassification(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    for _ in tqdm(range(cfg.steps), desc="video classifier", mininterval=5, leave=False):
+        rows = np.sort(rng.choice(cfg.train_clips, size=cfg.batch_size, replace=False))
+        out = model(pixel_values=torch.from_numpy(pixel_values(frames[rows], mean, std)), labels=labels[rows])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    held = np.arange(cfg.train_clips, cfg.train_clips + cfg.eval_clips)
+    with torch.no_grad():
+        logits = torch.cat([model(pixel_values=torch.from_numpy(pixel_values(frames[held[s:s + 64]], mean, std))).logits
+                            for s in range(0, len(held), 64)])
+    accuracy = float((logits.argmax(1) == labels[held]).float().mean())
+    return {"model": ClassifierFolder(model, mean, std),
+            "metrics": {"heldout_accuracy": accuracy, "train_loss": float(out.loss),
+                        "train_seconds": time.perf_counter() - started}}
