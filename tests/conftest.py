@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s by default, and a worker's `report` (each checkpoint)
+# waits for that poll: a training node with many checkpoints spent most of its wall time waiting. Polling
+# more often changes nothing a test asserts (a missed poll is tolerated for minutes); CLI subprocesses and
+# Ray workers inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.pop("RAY_ADDRESS", None)
 
 
