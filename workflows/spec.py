@@ -39,6 +39,7 @@ WORKFLOWS: dict[str, str] = {
     "persuasion": "interpflow.workflows.persuasion:persuasion_graph",
     "news_benchmark": "interpflow.workflows.news_benchmark:news_graph",
     "tamper": "interpflow.workflows.tamper:tamper_graph",
+    "vcc": "interpflow.workflows.vcc:vcc_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"

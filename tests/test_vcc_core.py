@@ -1,0 +1,156 @@
+"""VCC's pieces without Ray: the planted images, top-down segmentation, segment images, CAVs, the ITCAV
+gradient (checked against a finite difference on a real ViT), edge scores on a hand-built case, the
+t-test pruning, and the planted-link rule of the ground-truth check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from interpflow.tasks.concepts import cav, connectome
+from interpflow.tasks.concepts import vcc_images as vi
+from interpflow.tasks.concepts import vcc_segments as vs
+
+
+def test_images_have_their_parts_and_textures_in_both_classes():
+    data = vi.render(vi.ImageConfig(size=32), 40, seed=3)
+    assert data["images"].shape == (40, 32, 32, 3) and data["parts"].shape == (40, 32, 32)
+    for parts, label in zip(data["parts"], data["labels"]):
+        regions = vi.region_masks(parts)
+        whole = vi.CLASSES[label]
+        other = vi.CLASSES[1 - label]
+        assert all(regions[p].any() for p in vi.WHOLES[whole]), "every part of the object is drawn"
+        assert not regions[other].any()
+    texture = (data["parts"] == vi.PARTS.index("texture")).mean(axis=(1, 2))
+    assert (texture > 0).mean() > 0.9                    # a texture only fails to fit on a crowded image
+    assert abs(texture[data["labels"] == 0].mean() - texture[data["labels"] == 1].mean()) < 0.02
+
+
+def test_top_down_segmentation_nests_and_segment_images_fill_with_the_mean():
+    rng = np.random.default_rng(0)
+    feats = np.zeros((2, 6, 6, 4), np.float32)
+    feats[:, :3, :, 0] = 5.0                             # two regions per image: top and bottom halves
+    feats[:, :, :3, 1] = 3.0                             # each half has a left and a right part
+    feats += rng.normal(0, 0.05, feats.shape).astype(np.float32)
+    ids = [np.arange(2)]
+    top = vs.segment_layer(vs.SegmentConfig(layer=1, top_clusters=2), [feats], ids)
+    assert top["masks"].shape[1:] == (6, 6) and top["segments"].num_rows >= 4
+    below = vs.segment_layer(vs.SegmentConfig(layer=0, slic_segments=2, min_patches=1), [feats], ids, parents=top)
+    parents = below["segments"].column("parent").to_numpy()
+    for mask, parent in zip(below["masks"].astype(bool), parents):
+        assert not (mask & ~top["masks"][parent].astype(bool)).any(), "a child lies inside its parent"
+
+    images = np.full((1, 12, 12, 3), 200, np.uint8)
+    mask = np.zeros((6, 6), bool)
+    mask[1:3, 1:2] = True                                # 2 x 1 patches = 4 x 2 pixels
+    seg = vs.segment_images(images, np.array([0]), mask[None], fill=np.array([10.0, 20.0, 30.0]), out_size=12)
+    assert seg.shape == (1, 12, 12, 3) and (seg[0] == 200).all()   # the crop is the segment itself
+    mask[2, 2] = True                                    # L-shape: the bbox has a hole, filled with the mean
+    seg = vs.segment_images(images, np.array([0]), mask[None], fill=np.array([10.0, 20.0, 30.0]), out_size=12)
+    assert (seg[0, 0, -1] == [10, 20, 30]).all() and (seg[0, -1, -1] == 200).all()
+
+
+def test_cav_is_the_unit_normal_of_the_separating_plane():
+    rng = np.random.default_rng(1)
+    pos = rng.normal(0, 1, (60, 5)) + np.array([3.0, 0, 0, 0, 0])
+    neg = rng.normal(0, 1, (60, 5))
+    normal, acc = cav.fit_cav(pos, neg)
+    assert acc > 0.9 and np.isclose(np.linalg.norm(normal), 1.0) and normal[0] > 0.9
+
+
+def test_tcav_scores_and_itcav_edges_on_a_hand_built_case():
+    grads = np.array([[1.0, 0.2], [2.0, -0.1], [0.5, 0.0], [-1.0, 1.0], [-2.0, 1.0]])
+    cavs_ = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(cav.tcav_scores(grads[:3], cavs_), [1.0, 0.0, 1 / 3])
+    # upper concept 0 owns examples 0-2 (grad along +x), upper concept 1 owns 3-4 (grad along -x, +y)
+    upper = {"concepts": pa.Table.from_pylist([{"concept": "U0", "kept": True}, {"concept": "U1", "kept": True}])}
+    repeats = 6
+    rng = np.random.default_rng(0)
+    along_x = np.tile([1.0, 0.0], (repeats, 1)) + rng.normal(0, 0.05, (repeats, 2))
+    along_y = np.tile([0.0, 1.0], (repeats, 1)) + rng.normal(0, 0.05, (repeats, 2))
+    cavs = {"cavs": np.stack([along_x, along_y]), "random_cavs": rng.normal(0, 1, (repeats, 2)),
+            "names": {"concepts": ["Lx", "Ly"]}}
+    out = cav.itcav_edges(cav.EdgeConfig(), [grads[:3], grads[3:]], [np.array([0, 0, 0]), np.array([1, 1])],
+                          cavs, upper)
+    edges = {(r["source"], r["target"]): r for r in out["edges"].to_pylist()}
+    assert edges[("Lx", "U0")]["score"] == 1.0 and edges[("Lx", "U1")]["score"] == 0.0
+    assert edges[("Ly", "U1")]["score"] == 1.0
+    assert edges[("Lx", "U1")]["significant"] is False
+
+
+def test_t_test_keeps_edges_above_random_only():
+    rng = np.random.default_rng(0)
+    random = 0.5 + rng.normal(0, 0.15, 8)
+    assert cav.edge_test(0.9 + rng.normal(0, 0.02, 8), random)["significant"]
+    assert not cav.edge_test(0.5 + rng.normal(0, 0.15, 8), random)["significant"]
+    low = cav.edge_test(0.1 + rng.normal(0, 0.02, 8), random)
+    assert not low["significant"] and low["p"] > 0.95            # one-sided: below random is no edge
+    assert cav.edge_test(np.ones(4), np.full(4, 0.5))["significant"]
+    assert not cav.edge_test(np.full(4, 0.5), np.full(4, 0.5))["significant"]
+    assert cav.edge_test(0.8 + rng.normal(0, 0.1, 8), random, alpha=1e-9)["significant"] is False
+
+
+def test_itcav_gradient_matches_a_finite_difference_on_a_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from interpflow.tasks.concepts.vcc_model import gradient_sums, hooked_forward, pooled
+    from interpflow.tasks.models import LoadedModel
+    from interpflow.tasks.sites import SiteMap, intervene
+
+    torch.manual_seed(0)
+    net = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=3,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=2)).eval()
+    loaded = LoadedModel(net, None, "cpu", SiteMap(net), "x")
+    pixels = torch.randn(2, 3, 16, 16)
+    centroid = torch.randn(16)
+
+    def objective(logits, captured):
+        return -(pooled(captured[2]) - centroid).norm(dim=-1)
+
+    g = gradient_sums(loaded, pixels, 0, objective, layers=(2,))
+    direction = torch.randn(16)
+    eps = 1e-3
+
+    def value(shift: float) -> torch.Tensor:
+        site = loaded.sites.resolve("blocks.0.resid_post")
+        with intervene(net, site, lambda t: t + shift * direction), torch.no_grad():
+            _, captured, _ = hooked_forward(loaded, pixels, [2])
+        return objective(None, captured)
+
+    numeric = (value(eps) - value(-eps)) / (2 * eps)
+    np.testing.assert_allclose((g @ direction).numpy(), numeric.numpy(), rtol=2e-2, atol=1e-4)
+
+
+def test_planted_links_and_the_ground_truth_report():
+    assert connectome.planted("roof", "house") and connectome.planted("wheel", "cart")
+    assert connectome.planted("wall", "wall") and connectome.planted("body", "class.cart")
+    assert connectome.planted("house", "class.house")
+    assert not connectome.planted("roof", "cart") and not connectome.planted("roof", "class.cart")
+    assert not connectome.planted("texture", "class.house") and not connectome.planted("texture", "texture")
+    assert not connectome.planted("background", "house")
+
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for name, layer, depth, label in [("a", 0, 0, "roof"), ("b", 0, 0, "texture"), ("c", 1, 1, "house"),
+                                      ("d", 1, 1, "texture")]:
+        g.add_node(name, layer=layer, depth=depth, label=label, label_iou=0.5, segments=10, kind="concept")
+    for cls in ("house", "cart"):
+        g.add_node(f"class.{cls}", layer=-1, depth=2, label=cls, label_iou=1.0, segments=0, kind="class")
+    rows = [("a", "c", True), ("b", "c", False), ("a", "d", False), ("b", "d", True), ("c", "class.house", True),
+            ("d", "class.house", False), ("c", "class.cart", False), ("d", "class.cart", False)]
+    for s, t, sig in rows:
+        if sig:
+            g.add_edge(s, t, score=0.9, p=0.01, random_score=0.5)
+    edges = pa.Table.from_pylist([{"source": s, "target": t, "score": 0.9 if sig else 0.5, "p": 0.01 if sig else 0.5,
+                                   "significant": sig} for s, t, sig in rows])
+    out = connectome.ground_truth(connectome.GroundTruthConfig(layers=[0, 1]),
+                                  {"graph": nx.node_link_data(g, edges="edges"), "edges": edges})
+    m = out["metrics"]
+    assert m["edge_precision"] == pytest.approx(2 / 3) and m["edge_recall"] == 1.0   # b -> d is not planted
+    assert m["texture_paths_to_class"] == 0 and m["check.textures_do_not_reach_class"] == 1.0
+    assert m["ground_truth_ok"] == 0.0                     # 2/3 precision is under the 0.7 bar
+    figure = connectome.draw(g, [0, 1])
+    assert figure.axes

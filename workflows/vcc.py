@@ -1,0 +1,177 @@
+"""The Visual Concept Connectome (VCC; Kowal, Wildes, Derpanis, CVPR 2024) on any HF image classifier
+(issue #10, the image half).
+
+Methods, as the graph runs them:
+ 1. Images: houses (roof + wall) and carts (wheels + body) with irrelevant textures in both classes,
+    every pixel's part known (``tasks.concepts.vcc_images``).
+ 2. Model: the embedded tiny ViT classifier trained on fresh images of the same kind, or any HF image
+    classifier by id/path.
+ 3. Tokens (sharded over images, on model actors): every analysed layer's patch tokens, the logits,
+    and d(class logit)/d(top layer) for the class edges.
+ 4. Segmentation, top down, one node per layer: k-means on the top layer's tokens per image, SLIC on
+    each lower layer's tokens inside its parent segments.
+ 5. Per layer: segment images (crop, mean fill, resize) through the model (sharded, on actors), their
+    pooled activations clustered into concepts (size and frequency filters), CAVs against random
+    segment sets.
+ 6. Per adjacent layer pair: gradients of each upper concept's closeness to its centroid with respect
+    to the lower layer (sharded over the upper concept's segments, on actors), then ITCAV edges
+    t-tested against random CAVs; TCAV edges from the top layer to the classes.
+ 7. The connectome (GraphML, JSON, layered plot), concept paths in misclassified images, and the check
+    against the planted hierarchy (edge precision/recall, textures kept from the class).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from interpflow.actors.model import ModelActor
+from interpflow.tasks import models
+from interpflow.tasks.concepts import cav as vcav
+from interpflow.tasks.concepts import connectome
+from interpflow.tasks.concepts import vcc_images as vimages
+from interpflow.tasks.concepts import vcc_model
+from interpflow.tasks.concepts import vcc_segments as vseg
+from interpflow.tasks.concepts.classifier import load_classifier
+from interpflow.workflows.engine import ActorPool, Graph, node, sharded
+
+
+class VccStudy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: vimages.ImageConfig = Field(vimages.ImageConfig(), description="the analysed images (planted parts)")
+    classifier: vcc_model.ClassifierConfig = Field(vcc_model.ClassifierConfig(),
+                                                   description="the embedded model (used when model is unset)")
+    model: models.ModelRef | None = Field(None, description="any HF image classifier (id or folder) instead")
+    load: models.ModelConfig = models.ModelConfig()
+    layers: list[int] = Field([0, 1, 2], min_length=1, description=(
+        "analysed blocks, bottom to top (block i's output); the top one is joined to the classes, so it must leave a block above it (the head reads only the CLS token of the last block)"))
+    tokens: vseg.TokenConfig = vseg.TokenConfig()
+    segment: vseg.SegmentConfig = vseg.SegmentConfig()
+    segment_activations: vseg.SegmentActivationConfig = vseg.SegmentActivationConfig()
+    concepts: vseg.ConceptConfig = vseg.ConceptConfig()
+    cav: vcav.CavConfig = vcav.CavConfig()
+    gradients: vseg.GradientConfig = vseg.GradientConfig()
+    edges: vcav.EdgeConfig = vcav.EdgeConfig()
+    failures: connectome.FailureConfig = connectome.FailureConfig()
+    ground_truth: connectome.GroundTruthConfig = connectome.GroundTruthConfig()
+    num_shards: int = Field(2, ge=1, description="shards of images / segments for the actor nodes")
+    actors: int = Field(1, ge=1, description="model actors per actor node")
+    actor_cpus: float = Field(1, gt=0)
+    actor_gpus: float = Field(0, ge=0)
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"layers must be strictly increasing (bottom to top), got {v}")
+        return v
+
+
+def classifier_pool(cfg: VccStudy) -> ActorPool:
+    """Model actors that each load the study's classifier (head included) once."""
+    return ActorPool(setup=load_classifier, config=cfg.load, size=cfg.actors, setup_inputs=("model",),
+                     actor=ModelActor, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
+
+
+def model_config(cfg: VccStudy):
+    """The classifier's HF config, known before anything is trained or loaded."""
+    if cfg.model is None:
+        return vcc_model.vit_config(cfg.classifier, cfg.images)
+    from transformers import AutoConfig
+
+    models.check_model_source(cfg.model.path)
+    return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
+                                      trust_remote_code=cfg.load.trust_remote_code)
+
+
+def vcc_graph(cfg: VccStudy) -> Graph:
+    layers = list(cfg.layers)
+    classes = list(vimages.CLASSES)
+    images = node(vimages.make_images, cfg.images, name="images")
+    if cfg.model is None:
+        model = node(vcc_model.train, vcc_model.ClassifierTraining(classifier=cfg.classifier, images=cfg.images),
+                     name="classifier")["model"]
+    else:
+        model = node(models.use_model, cfg.model, name="model",
+                     external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
+    pool = classifier_pool(cfg)
+    tokens = sharded(vseg.extract_tokens, cfg.tokens.model_copy(update={"layers": layers, "classes": len(classes)}),
+                     ids=vimages.image_ids, num_shards=cfg.num_shards, name="tokens", actors=pool, images=images,
+                     model=model)
+
+    segments, parent = {}, {}
+    for layer in reversed(layers):                       # top down: each layer inside its parent's segments
+        segments[layer] = node(vseg.segment_layer, cfg.segment.model_copy(update={"layer": layer}),
+                               name=f"segments.{layer}", tokens=tokens[f"tokens.{layer}"], ids=tokens["ids"], **parent)
+        parent = {"parents": segments[layer]}
+
+    concepts, cavs = {}, {}
+    for layer in layers:
+        acts = sharded(vseg.extract_segments, cfg.segment_activations.model_copy(update={"layer": layer}),
+                       ids=vseg.segment_ids, num_shards=cfg.num_shards, name=f"segment_activations.{layer}",
+                       actors=pool, model=model, images=images, segments=segments[layer])
+        concepts[layer] = node(vseg.find_concepts, cfg.concepts.model_copy(update={"layer": layer}),
+                               name=f"concepts.{layer}", segments=segments[layer], ids=acts["ids"],
+                               pooled=acts["pooled"], images=images)
+        cavs[layer] = node(vcav.fit_layer_cavs, cfg.cav.model_copy(update={"layer": layer}), name=f"cavs.{layer}",
+                           ids=acts["ids"], pooled=acts["pooled"], concepts=concepts[layer])
+
+    edge_tables = {}
+    for lower, upper in zip(layers, layers[1:]):
+        pair = {"lower": lower, "upper": upper}
+        grads = sharded(vseg.concept_gradients, cfg.gradients.model_copy(update=pair),
+                        ids=vseg.concept_segment_ids, num_shards=cfg.num_shards, name=f"gradients.{lower}-{upper}",
+                        actors=pool, model=model, images=images, segments=segments[upper], concepts=concepts[upper])
+        edges = node(vcav.itcav_edges, cfg.edges.model_copy(update=pair), name=f"edges.{lower}-{upper}",
+                     grads=grads["grads"], concept=grads["concept"], cavs=cavs[lower], upper=concepts[upper])
+        edge_tables[f"edges_{lower}_{upper}"] = edges["edges"]
+    to_class = node(vcav.class_edges, cfg.edges.model_copy(update={"lower": layers[-1], "upper": -1,
+                                                                  "classes": classes}),
+                    name="edges.class", ids=tokens["ids"], class_grads=tokens["class_grads"], images=images,
+                    cavs=cavs[layers[-1]])
+    per_layer = {f"concepts_{layer}": concepts[layer] for layer in layers}
+    graph = node(connectome.build_connectome, connectome.ConnectomeConfig(layers=layers, classes=classes),
+                 name="connectome", class_edges=to_class["edges"], **edge_tables, **per_layer)
+    failures = node(connectome.failure_paths, cfg.failures.model_copy(update={"layers": layers, "classes": classes}),
+                    name="failures", ids=tokens["ids"], logits=tokens["logits"], images=images,
+                    connectome=graph["graph"], **per_layer)
+    report = node(connectome.ground_truth, cfg.ground_truth.model_copy(update={"layers": layers, "classes": classes}),
+                  name="ground_truth", connectome=graph)
+    return Graph(report, failures)
+
+
+def validate(cfg: VccStudy) -> None:
+    """Before any compute: the model is a patch-token image classifier that takes these images, the
+    layers exist, and there are enough images for the clusters asked for."""
+    config = model_config(cfg)
+    if getattr(config, "patch_size", None) is None or getattr(config, "image_size", None) is None:
+        raise ValueError(f"model: model type '{config.model_type}' has no patch_size/image_size: VCC here needs a "
+                         "ViT-like image classifier (patch tokens on a grid), e.g. ViTForImageClassification")
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    if size != cfg.images.size:
+        raise ValueError(f"images.size={cfg.images.size} but the model takes image_size={size}: set "
+                         f"images.size={size} (or use a model made for {cfg.images.size}-pixel images)")
+    rows, _ = vcc_model.token_grid(config)
+    if size % rows:
+        raise ValueError(f"model: patch_size={config.patch_size} does not divide image_size={size}")
+    n = config.num_hidden_layers
+    for layer in cfg.layers:
+        if not 0 <= layer < n - 1:
+            last = "" if layer != n - 1 else (" (block {0} is the last: the head reads only its CLS token, so "
+                                              "patch-token concepts there cannot reach the class)".format(n - 1))
+            raise ValueError(f"layers: layer {layer} is out of range: the model has blocks 0..{n - 1} and the "
+                             f"analysed ones must lie in 0..{n - 2}{last}; e.g. layers=[{max(n - 3, 0)}, {max(n - 2, 0)}]")
+    if (getattr(config, "num_labels", 0) or 0) < len(vimages.CLASSES):
+        raise ValueError(f"model: it has {config.num_labels} class logits; the images have {len(vimages.CLASSES)} "
+                         "classes (logits 0 and 1 are read as house and cart)")
+    for field, k in (("concepts.max_concepts", cfg.concepts.max_concepts),
+                     ("concepts.min_concepts", cfg.concepts.min_concepts),
+                     ("segment.top_clusters", cfg.segment.top_clusters)):
+        if cfg.images.n_images < k:
+            raise ValueError(f"images.n_images={cfg.images.n_images} is fewer than {field}={k}: there must be at "
+                             f"least as many images as clusters; raise images.n_images or lower {field}")
+    if cfg.segment.top_clusters > rows * rows:
+        raise ValueError(f"segment.top_clusters={cfg.segment.top_clusters} exceeds the {rows * rows} patch tokens "
+                         "of an image; lower it")
+    if cfg.concepts.min_concepts > cfg.concepts.max_concepts:
+        raise ValueError(f"concepts.min_concepts={cfg.concepts.min_concepts} exceeds concepts.max_concepts="
+                         f"{cfg.concepts.max_concepts}; lower min_concepts")
