@@ -1,0 +1,104 @@
+"""The `vcc` workflow on local Ray (issue #10, image half): a small run through the real CLI writes the
+connectome (GraphML, JSON, plot) and the ground-truth report, a new edge threshold re-runs only the
+edge tests and what reads them, any HF ViT classifier (a random one in a folder) runs end to end, and
+bad input fails before compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from interpflow.workflows.spec import SpecError, load_spec
+from support import cli
+
+SMALL = {"workflow": "vcc", "images": {"n_images": 40, "size": 32},
+         "classifier": {"layers": 3, "hidden_size": 32, "heads": 2, "intermediate_size": 64, "steps": 60,
+                        "train_images": 300, "eval_images": 60},
+         "layers": [0, 1], "concepts": {"min_concepts": 2, "max_concepts": 5, "min_segments": 3},
+         "cav": {"repeats": 4, "random_size": 20, "steps": 30}, "num_shards": 1}
+
+
+def _spec(tmp_path: Path, **changes) -> tuple[Path, Path]:
+    store = tmp_path / "store"
+    spec = tmp_path / "vcc.yaml"
+    data = {**SMALL, **changes, "run": {"store": str(store), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    spec.write_text(yaml.safe_dump(data))
+    return spec, store
+
+
+@pytest.mark.e2e
+def test_cli_run_writes_the_connectome_and_a_new_alpha_reruns_only_the_edges(tmp_path):
+    spec, store = _spec(tmp_path)
+    result = cli("run", str(spec), "--no-progress", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (record_path,) = store.glob("runs/*/record.json")
+    run_id = json.loads(record_path.read_text())["run_id"]
+
+    import interpflow
+
+    handle = interpflow.open_run(run_id, store=str(store))
+    files = Path(handle.outputs("connectome", "files"))
+    import networkx as nx
+
+    graph = nx.read_graphml(files / "connectome.graphml")
+    assert {"class.house", "class.cart"} <= set(graph.nodes)
+    assert json.loads((files / "connectome.json").read_text())["nodes"]
+    assert handle.outputs("connectome", "figure").endswith(".png")
+    assert handle.outputs("failures", "figure").endswith(".png")
+    edges = handle.table("connectome", "edges").to_pylist()
+    assert edges and all(0 <= e["p"] <= 1 and (e["p"] <= 0.05) == e["significant"] for e in edges)
+    report = handle.metrics("ground_truth")
+    assert {"ground_truth_ok", "edge_precision", "edge_recall", "texture_paths_to_class",
+            "check.textures_do_not_reach_class"} <= set(report)
+    assert handle.table("failures", "paths").num_rows >= 1
+
+    rerun = cli("run", str(spec), "edges.alpha=0.01", "--no-progress", cwd=tmp_path, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    (latest,) = [p for p in store.glob("runs/*/record.json") if p != record_path]
+    nodes = json.loads(latest.read_text())["nodes"]
+    ran = {name for name, n in nodes.items() if n["status"] == "ran"}
+    assert ran == {"edges.0-1", "edges.class", "connectome", "failures", "ground_truth"}
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("ray_local")
+def test_a_random_vit_classifier_folder_runs_end_to_end(tmp_path, settings):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import interpflow
+
+    folder = tmp_path / "random-vit"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=3,
+                                         num_attention_heads=2, intermediate_size=32, num_labels=2)).save_pretrained(folder)
+    spec = {**SMALL, "model": {"path": str(folder)}}
+    handle = interpflow.run(spec, ["failures.fallback=2"], settings=settings)
+    assert handle.ok
+    assert "classifier" not in handle.nodes() and "model" in handle.nodes()
+    assert handle.metrics("ground_truth")["ground_truth_ok"] in (0.0, 1.0)
+    assert handle.outputs("connectome", "figure").endswith(".png")
+
+
+def test_bad_input_is_an_error_before_compute(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def error(*overrides: str) -> str:
+        with pytest.raises(SpecError) as err:
+            load_spec("vcc", list(overrides), check_store=False)
+        return str(err.value)
+
+    assert "layers: layer 7 is out of range: the model has blocks 0..3" in error("layers=[1, 7]")
+    assert "block 3 is the last" in error("layers=[1, 3]")
+    assert "layers must be strictly increasing" in error("layers=[2, 1]")
+    assert "images.n_images=6 is fewer than concepts.max_concepts=10" in error("images.n_images=6")
+    folder = tmp_path / "vit16"
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=3,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=2)).save_pretrained(folder)
+    assert "images.size=40 but the model takes image_size=16" in error(f"model.path={folder}", "layers=[0, 1]")
+    assert "no config.json" in error(f"model.path={tmp_path}")
+
+    result = cli("run", "vcc", "layers=[0, 9]", f"run.store={tmp_path / 'store'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "layers: layer 9 is out of range" in result.stdout + result.stderr
+    assert not (tmp_path / "store" / "images").exists()
