@@ -107,15 +107,20 @@ def test_itcav_gradient_matches_a_finite_difference_on_a_vit():
     centroid = torch.randn(16)
 
     def objective(logits, captured):
-        return -(pooled(captured[2]) - centroid).norm(dim=-1)
+        return -(pooled(captured[2], 16) - centroid).norm(dim=-1)
 
-    g = gradient_sums(loaded, pixels, 0, objective, layers=(2,))
+    g = gradient_sums(loaded, pixels, 0, objective, layers=(2,), patches=16)
     direction = torch.randn(16)
     eps = 1e-3
 
     def value(shift: float) -> torch.Tensor:
         site = loaded.sites.resolve("blocks.0.resid_post")
-        with intervene(net, site, lambda t: t + shift * direction), torch.no_grad():
+        def shift_patches(t):                            # a CAV moves the patch tokens, not CLS
+            out = t.clone()
+            out[:, 1:] += shift * direction
+            return out
+
+        with intervene(net, site, shift_patches), torch.no_grad():
             _, captured, _ = hooked_forward(loaded, pixels, [2])
         return objective(None, captured)
 
