@@ -208,22 +208,6 @@ def concept_order(kind: str, importance: pa.Table, seed: int) -> np.ndarray:
     return np.asarray([position[ids[i]] for i in ranked], dtype=np.int64)
 
 
-def curve_shard(cfg: CurveConfig, shard, model, data, importance, **members) -> dict:
-    """Graph shard: performance after removing the first k concepts of each order of the shard."""
-    importance = importance.to_table() if hasattr(importance, "to_table") else importance
-    concepts = pooled_concepts(members, _n_tokens(members))
-    fractions = np.linspace(0, 1, cfg.points)
-    rows = []
-    for kind in shard.ids:
-        order = concept_order(kind, importance, cfg.seed)
-        ks = [int(round(f * len(order))) for f in fractions]
-        perf = performance_of_removals(model, data, concepts, [order[:k] for k in ks], cfg.feature,
-                                       cfg.target_class, cfg.passes_per_forward)
-        rows += [{"order": kind, "fraction": float(f), "removed": k, "performance": float(p)}
-                 for f, k, p in zip(fractions, ks, perf)]
-    return {"curves": pa.Table.from_pylist(rows)}
-
-
 def head_importance(importance: pa.Table) -> pa.Table:
     """Head importance (ours, stated): the sum of its concepts' importances; one row per (layer, head)."""
     rows: dict[tuple[int, int], dict] = {}
@@ -235,21 +219,50 @@ def head_importance(importance: pa.Table) -> pa.Table:
     return pa.Table.from_pylist([rows[k] for k in sorted(rows)])
 
 
-def pruning_conditions(cfg: CurveConfig, **_) -> list[str]:
-    return [f"{order}@{n}" for n in cfg.prune_counts for order in ("least", "most", "random")]
+def check_conditions(cfg: CurveConfig, **_) -> list[str]:
+    """Shard ids of the checks: the removal orders, then 'prune:<order>@<n>' for the head-pruning application."""
+    return curve_orders(cfg) + [f"prune:{order}@{n}" for n in cfg.prune_counts for order in ("least", "most", "random")]
 
 
-def pruning_shard(cfg: CurveConfig, shard, model, data, importance, **members) -> dict:
-    """Graph shard: performance with the n least / most important / random heads pruned (their values
-    zeroed at every token, so the head adds nothing to the residual stream)."""
+CURVE_SCHEMA = pa.schema([("order", pa.string()), ("fraction", pa.float64()), ("removed", pa.int64()),
+                          ("performance", pa.float64())])
+PRUNING_SCHEMA = pa.schema([("condition", pa.string()), ("order", pa.string()), ("pruned", pa.int64()),
+                            ("performance", pa.float64()), ("heads", pa.string())])
+
+
+def check_shard(cfg: CurveConfig, shard, model, data, importance, **members) -> dict:
+    """Graph shard: removal curves for the orders of the shard (performance after removing the first k
+    concepts of each order) and head pruning for its pruning conditions, through one loaded model."""
     importance = importance.to_table() if hasattr(importance, "to_table") else importance
     concepts = pooled_concepts(members, _n_tokens(members))
+    curves = [c for c in shard.ids if not c.startswith("prune:")]
+    pruned = [c.removeprefix("prune:") for c in shard.ids if c.startswith("prune:")]
+    fractions = np.linspace(0, 1, cfg.points)
+    curve_rows = []
+    for kind in curves:
+        order = concept_order(kind, importance, cfg.seed)
+        ks = [int(round(f * len(order))) for f in fractions]
+        perf = performance_of_removals(model, data, concepts, [order[:k] for k in ks], cfg.feature,
+                                       cfg.target_class, cfg.passes_per_forward)
+        curve_rows += [{"order": kind, "fraction": float(f), "removed": k, "performance": float(p)}
+                       for f, k, p in zip(fractions, ks, perf)]
+    return {"curves": pa.Table.from_pylist(curve_rows, schema=CURVE_SCHEMA),
+            "pruning": pa.Table.from_pylist(_pruning_rows(cfg, pruned, model, data, importance, concepts),
+                                            schema=PRUNING_SCHEMA)}
+
+
+def _pruning_rows(cfg: CurveConfig, conditions: list[str], model, data, importance: pa.Table,
+                  concepts: ConceptSet) -> list[dict]:
+    """Performance with the n least / most important / random heads pruned (their values zeroed at every
+    token, so the head adds nothing to the residual stream)."""
+    if not conditions:
+        return []
     heads = head_importance(importance).to_pylist()
     pixels = _video_pixels(model, data, concepts)
     net = model.model
     n_heads, n_tokens = net.config.num_attention_heads, concepts.masks.shape[2]
     rows = []
-    for condition in shard.ids:
+    for condition in conditions:
         order, n = condition.split("@")
         n = min(int(n), len(heads))
         if order == "random":
@@ -264,4 +277,4 @@ def pruning_shard(cfg: CurveConfig, shard, model, data, importance, **members) -
         perf = target_probability(model, pixels, cfg.target_class, "values", keep)[0]
         rows.append({"condition": condition, "order": order, "pruned": n, "performance": float(perf),
                      "heads": ",".join(f"L{heads[i]['layer']}H{heads[i]['head']}" for i in picked)})
-    return {"pruning": pa.Table.from_pylist(rows)}
+    return rows

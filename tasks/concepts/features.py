@@ -15,7 +15,6 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from interpflow.tasks.video.ablation import attention_modules
 
 Feature = Literal["keys", "queries", "values", "tokens"]
 FEATURES = ("keys", "queries", "values", "tokens")
@@ -38,13 +37,14 @@ def feature_modules(model: nn.Module, feature: str) -> list[nn.Module]:
         return _blocks(model)
     name = _PROJECTION[feature]
     modules = []
-    for i, attention in enumerate(attention_modules(model)):
-        projection = getattr(attention, name, None)
-        if not isinstance(projection, nn.Linear):
-            has = sorted(n for n, m in attention.named_children() if isinstance(m, nn.Linear))
-            raise ValueError(f"feature '{feature}': block {i} of {type(model).__name__} has no separate '{name}' "
-                             f"projection (its attention has {has}); use feature=tokens")
-        modules.append(projection)
+    for i, block in enumerate(_blocks(model)):
+        found = [getattr(m, name) for m in block.modules() if isinstance(getattr(m, name, None), nn.Linear)]
+        if len(found) != 1:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"feature '{feature}': block {i} of {type(model).__name__} has "
+                             f"{'no separate' if not found else len(found)} '{name}' projection"
+                             f"{'' if not found else 's'} (its linear layers: {linear}); use feature=tokens")
+        modules.append(found[0])
     return modules
 
 

@@ -38,6 +38,9 @@ class TubeletConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
 
 
+SLIC_MIN_SIZE = 1.0   # tokens
+
+
 def grid_volume_index(grid: TokenGrid) -> np.ndarray:
     """(frames, rows, cols) array of token indices: where each grid cell's token sits in the sequence."""
     index = np.empty((grid.frames, grid.height, grid.width), dtype=np.int64)
@@ -70,8 +73,10 @@ def segment_volume(features: np.ndarray, grid: TokenGrid, n_segments: int, compa
     index = grid_volume_index(grid)
     volume = features[index].astype(np.float64)                              # (F, H, W, C)
     volume = (volume - volume.mean(axis=(0, 1, 2))) / max(float(volume.std()), 1e-8)
+    # SLIC's own small-segment merge (min_size_factor) would fold a small object into its surroundings
+    # before ``min_tokens`` is applied, so it is turned down to a single token
     labels = slic(volume, n_segments=n_segments, compactness=compactness, channel_axis=-1, start_label=0,
-                  enforce_connectivity=True)
+                  enforce_connectivity=True, min_size_factor=SLIC_MIN_SIZE / max(volume.size / volume.shape[-1] / n_segments, 1))
     tubelets = []
     for label in np.unique(labels):
         tokens = np.sort(index[labels == label])

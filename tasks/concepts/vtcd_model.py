@@ -8,6 +8,7 @@ and is saved as a hub-style folder (weights, config with the class names, pixel 
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -29,6 +30,10 @@ class VideoClassifierConfig(BaseModel):
     intermediate_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1, description="square patch side, pixels")
     tubelet_size: int = Field(2, ge=1, description="frames per token")
+    readout: str = Field("first_token", pattern="^(first_token|mean)$", description=(
+        "first_token: the head reads one token (a CLS-like readout, as ViViT and TimeSformer do), so what "
+        "it knows of the ball comes through attention; mean: the head reads the mean of all tokens, which "
+        "lets a tubelet-2 model read motion off the ball's own tokens without attention"))
     train_clips: int = Field(2000, ge=20, description="fresh clips (own seed) it trains on")
     eval_clips: int = Field(200, ge=10)
     steps: int = Field(400, ge=1)
@@ -51,7 +56,7 @@ def classifier_config(cfg: VideoClassifierConfig, clips: ConceptClipConfig):
     return VideoMAEConfig(image_size=clips.size, patch_size=cfg.patch_size, num_channels=clips.channels,
                           num_frames=clips.frames, tubelet_size=cfg.tubelet_size, hidden_size=cfg.hidden_size,
                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                          intermediate_size=cfg.intermediate_size, use_mean_pooling=True,
+                          intermediate_size=cfg.intermediate_size, use_mean_pooling=cfg.readout == "mean",
                           id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
                           architectures=["VideoMAEForVideoClassification"])
 
@@ -83,7 +88,9 @@ def train_video_classifier(cfg: VideoClassifierConfig, clips: ConceptClipConfig)
     torch.manual_seed(cfg.seed)
     model = VideoMAEForVideoClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    warmup = max(1, cfg.steps // 10)       # linear warmup, then a cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
     rng = np.random.default_rng(cfg.seed)
     model.train()
     for _ in tqdm(range(cfg.steps), desc="video classifier", mininterval=5, leave=False):
