@@ -40,6 +40,7 @@ WORKFLOWS: dict[str, str] = {
     "news_benchmark": "interpflow.workflows.news_benchmark:news_graph",
     "tamper": "interpflow.workflows.tamper:tamper_graph",
     "vcc": "interpflow.workflows.vcc:vcc_graph",
+    "vtcd": "interpflow.workflows.vtcd:vtcd_graph",
 }
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
