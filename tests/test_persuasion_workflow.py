@@ -23,10 +23,13 @@ os.environ["PERSUASION_KEY"] = KEY      # Ray workers inherit it when the local 
 
 SMALL = {
     "workflow": "persuasion",
-    "lm": {"threads": 2},          # the LM trains first and alone: let it use both cores
+    # the LM trains first and alone: let it use both cores. 400 steps, not the default 800, were most of
+    # the test's time; at 400 every planted check still passes (measured: halves cosine 0.95, base rate 0,
+    # steered c8 rate 0.75, random directions 0, SFT held-out gain 1.0)
+    "lm": {"threads": 2, "steps": 400},
     "steering": {"coefficients": [4, 8], "traits": ["persuasive"], "random_seeds": [0]},
     "sft": {"conditions": [{"name": "benign_persuasion", "categories": ["benign_opinion", "benign_factual"]}],
-            "seeds": [0]},
+            "seeds": [0], "finetune": {"steps": 30}},        # held-out gain 1.0 at 30 steps as at 60
     "ape": {"statements_per_category": 4},
     "persona": {"n_questions": 6},
     "report": {"n_boot": 300},
