@@ -14,11 +14,13 @@ import yaml
 from interpflow.workflows.spec import SpecError, load_spec
 from support import cli
 
-SMALL = {"workflow": "vcc", "images": {"n_images": 40, "size": 32},
-         "classifier": {"layers": 3, "hidden_size": 32, "heads": 2, "intermediate_size": 64, "steps": 60,
-                        "train_images": 300, "eval_images": 60},
-         "layers": [0, 1], "concepts": {"min_concepts": 2, "max_concepts": 5, "min_segments": 3},
-         "cav": {"repeats": 4, "random_size": 20, "steps": 30}, "num_shards": 1}
+# the smallest sizes that still give concepts on two layers, edges between them and to the classes
+SMALL = {"workflow": "vcc", "images": {"n_images": 24, "size": 24},
+         "classifier": {"layers": 3, "hidden_size": 16, "heads": 2, "intermediate_size": 32, "steps": 30,
+                        "train_images": 120, "eval_images": 24},
+         "layers": [0, 1], "segment": {"min_patches": 2},
+         "concepts": {"min_concepts": 2, "max_concepts": 4, "min_segments": 3},
+         "cav": {"repeats": 3, "random_size": 10, "steps": 20}, "num_shards": 1}
 
 
 def _spec(tmp_path: Path, **changes) -> tuple[Path, Path]:
@@ -71,12 +73,15 @@ def test_a_random_vit_classifier_folder_runs_end_to_end(tmp_path, settings):
     import interpflow
 
     folder = tmp_path / "random-vit"
-    ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=3,
+    ViTForImageClassification(ViTConfig(image_size=24, patch_size=4, hidden_size=16, num_hidden_layers=3,
                                          num_attention_heads=2, intermediate_size=32, num_labels=2)).save_pretrained(folder)
     spec = {**SMALL, "model": {"path": str(folder)}}
     handle = interpflow.run(spec, ["failures.fallback=2"], settings=settings)
     assert handle.ok
     assert "classifier" not in handle.nodes() and "model" in handle.nodes()
+    # the actor steps are one sharded node each (three actor pools), whatever the number of layers
+    assert {"tokens", "segment_activations", "gradients"} <= set(handle.nodes())
+    assert not any(n.startswith(("segment_activations.", "gradients.")) for n in handle.nodes())
     assert handle.metrics("ground_truth")["ground_truth_ok"] in (0.0, 1.0)
     assert handle.outputs("connectome", "figure").endswith(".png")
 

@@ -7,14 +7,16 @@ Methods, as the graph runs them:
  2. Model: the embedded tiny ViT classifier trained on fresh images of the same kind, or any HF image
     classifier by id/path.
  3. Tokens (sharded over images, on model actors): every analysed layer's patch tokens, the logits,
-    and d(class logit)/d(top layer) for the class edges.
+    and d(class logit)/d(top layer) for the class edges. The three actor steps (tokens, segment
+    activations of all layers, gradients of all layer pairs) are one sharded node each, so a run starts
+    three actor pools whatever the number of layers.
  4. Segmentation, top down, one node per layer: k-means on the top layer's tokens per image, SLIC on
     each lower layer's tokens inside its parent segments.
- 5. Per layer: segment images (crop, mean fill, resize) through the model (sharded, on actors), their
-    pooled activations clustered into concepts (size and frequency filters), CAVs against random
-    segment sets.
- 6. Per adjacent layer pair: gradients of each upper concept's closeness to its centroid with respect
-    to the lower layer (sharded over the upper concept's segments, on actors), then ITCAV edges
+ 5. Segment images (crop, mean fill, resize) of every layer through the model (one sharded node over
+    (layer, segment) ids, on actors); per layer, their pooled activations clustered into concepts (size
+    and frequency filters), CAVs against random segment sets.
+ 6. Per adjacent layer pair: gradients of each upper concept's assignment with respect to the lower
+    layer (one sharded node over (upper layer, segment) ids for all pairs, on actors), then ITCAV edges
     t-tested against random CAVs; TCAV edges from the top layer to the classes.
  7. The connectome (GraphML, JSON, layered plot), concept paths in misclassified images, and the check
     against the planted hierarchy (edge precision/recall, textures kept from the class).
@@ -104,26 +106,33 @@ def vcc_graph(cfg: VccStudy) -> Graph:
                                name=f"segments.{layer}", tokens=tokens[f"tokens.{layer}"], ids=tokens["ids"], **parent)
         parent = {"parents": segments[layer]}
 
+    # one sharded node (one actor pool) for every layer's segment images, ids (layer, segment)
+    per_layer_segments = {f"segments_{layer}": segments[layer] for layer in layers}
+    acts = sharded(vseg.extract_segments, cfg.segment_activations.model_copy(update={"layers": layers}),
+                   ids=vseg.layer_segment_ids, num_shards=cfg.num_shards, name="segment_activations", actors=pool,
+                   model=model, images=images, **per_layer_segments)
     concepts, cavs = {}, {}
     for layer in layers:
-        acts = sharded(vseg.extract_segments, cfg.segment_activations.model_copy(update={"layer": layer}),
-                       ids=vseg.segment_ids, num_shards=cfg.num_shards, name=f"segment_activations.{layer}",
-                       actors=pool, model=model, images=images, segments=segments[layer])
         concepts[layer] = node(vseg.find_concepts, cfg.concepts.model_copy(update={"layer": layer}),
-                               name=f"concepts.{layer}", segments=segments[layer], ids=acts["ids"],
-                               pooled=acts["pooled"], images=images)
+                               name=f"concepts.{layer}", segments=segments[layer], ids=acts[f"ids.{layer}"],
+                               pooled=acts[f"pooled.{layer}"], images=images)
         cavs[layer] = node(vcav.fit_layer_cavs, cfg.cav.model_copy(update={"layer": layer}), name=f"cavs.{layer}",
-                           ids=acts["ids"], pooled=acts["pooled"], concepts=concepts[layer])
+                           ids=acts[f"ids.{layer}"], pooled=acts[f"pooled.{layer}"], concepts=concepts[layer])
 
     edge_tables = {}
-    for lower, upper in zip(layers, layers[1:]):
-        pair = {"lower": lower, "upper": upper}
-        grads = sharded(vseg.concept_gradients, cfg.gradients.model_copy(update=pair),
-                        ids=vseg.concept_segment_ids, num_shards=cfg.num_shards, name=f"gradients.{lower}-{upper}",
-                        actors=pool, model=model, images=images, segments=segments[upper], concepts=concepts[upper])
-        edges = node(vcav.itcav_edges, cfg.edges.model_copy(update=pair), name=f"edges.{lower}-{upper}",
-                     grads=grads["grads"], concept=grads["concept"], cavs=cavs[lower], upper=concepts[upper])
-        edge_tables[f"edges_{lower}_{upper}"] = edges["edges"]
+    if len(layers) > 1:
+        # one sharded node for the gradients of every adjacent pair, ids (upper layer, segment)
+        uppers = layers[1:]
+        grads = sharded(vseg.concept_gradients, cfg.gradients.model_copy(update={"layers": layers}),
+                        ids=vseg.concept_segment_ids, num_shards=cfg.num_shards, name="gradients", actors=pool,
+                        model=model, images=images, **{f"segments_{u}": segments[u] for u in uppers},
+                        **{f"concepts_{u}": concepts[u] for u in uppers})
+        for lower, upper in zip(layers, uppers):
+            pair = {"lower": lower, "upper": upper}
+            edges = node(vcav.itcav_edges, cfg.edges.model_copy(update=pair), name=f"edges.{lower}-{upper}",
+                         grads=grads[f"grads.{lower}-{upper}"], concept=grads[f"concept.{lower}-{upper}"],
+                         cavs=cavs[lower], upper=concepts[upper])
+            edge_tables[f"edges_{lower}_{upper}"] = edges["edges"]
     to_class = node(vcav.class_edges, cfg.edges.model_copy(update={"lower": layers[-1], "upper": -1,
                                                                   "classes": classes}),
                     name="edges.class", ids=tokens["ids"], class_grads=tokens["class_grads"], images=images,

@@ -32,6 +32,8 @@ class ImageConfig(BaseModel):
     size: int = Field(40, ge=24, description="square image side, pixels")
     textures: tuple[int, int] = Field((1, 2), description="min and max textures per image (stripes or dots, "
                                                           "same distribution in both classes)")
+    texture_size: tuple[int, int] = Field((13, 16), description="min and max texture side, pixels at 40 px (scaled "
+                                                               "with size)")
     noise: float = Field(10.0, ge=0, description="std of the background's pixel noise (0..255 scale)")
     seed: int = Field(0, description="seeds the whole set")
 
@@ -77,15 +79,20 @@ def _draw_object(rng, canvas, parts, label: str, size: int) -> tuple[int, int, i
     return y0, y0 + height, x0, x0 + width
 
 
-def _draw_texture(rng, canvas, parts, size: int, taken: np.ndarray) -> None:
-    """A striped or dotted square in a free place (not over the object or another texture)."""
-    side = max(6, int(round(rng.integers(9, 12) * size / 40)))
-    for _ in range(200):
-        y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
-        if not taken[max(0, y0 - 1):y0 + side + 1, max(0, x0 - 1):x0 + side + 1].any():
-            break
-    else:
-        return
+def _draw_texture(rng, canvas, parts, size: int, taken: np.ndarray, sides: tuple[int, int] = (9, 12)) -> bool:
+    """A striped or dotted square in a free place (not over the object or another texture); False when
+    no free place was found. The whole square is the texture region of the part map."""
+    side = max(6, int(round(rng.integers(sides[0], sides[1] + 1) * size / 40)))
+    # taken pixels in each candidate square grown by one pixel (an integral image); pick a free one
+    padded = np.pad(taken, 1).astype(np.int32)
+    integral = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    n = size - side + 1
+    w = side + 2
+    window = integral[w:w + n, w:w + n] - integral[:n, w:w + n] - integral[w:w + n, :n] + integral[:n, :n]
+    free = np.argwhere(window == 0)
+    if not len(free):
+        return False
+    y0, x0 = (int(v) for v in free[rng.integers(len(free))])
     yy, xx = np.mgrid[0:side, 0:side]
     colour = np.clip(np.asarray((30, 210, 80)) + rng.integers(-25, 26, 3), 0, 255)
     if rng.random() < 0.5:
@@ -95,8 +102,9 @@ def _draw_texture(rng, canvas, parts, size: int, taken: np.ndarray) -> None:
         on = (yy % 3 != 0) & (xx % 3 != 0)                     # 2 x 2 dots
     region = canvas[y0:y0 + side, x0:x0 + side]
     region[on] = colour
-    parts[y0:y0 + side, x0:x0 + side][on] = PARTS.index("texture")
+    parts[y0:y0 + side, x0:x0 + side] = PARTS.index("texture")   # the textured square is the region
     taken[y0:y0 + side, x0:x0 + side] = True
+    return True
 
 
 def render(cfg: ImageConfig, n: int, seed: int, labels: np.ndarray | None = None) -> dict:
@@ -108,14 +116,17 @@ def render(cfg: ImageConfig, n: int, seed: int, labels: np.ndarray | None = None
     images = np.empty((n, size, size, 3), np.uint8)
     part_maps = np.zeros((n, size, size), np.uint8)
     for i in range(n):
-        base = rng.integers(110, 150)
-        canvas = np.clip(base + rng.normal(0, cfg.noise, (size, size, 3)), 0, 255)
-        parts = part_maps[i]
-        y0, y1, x0, x1 = _draw_object(rng, canvas, parts, CLASSES[labels[i]], size)
-        taken = np.zeros((size, size), bool)
-        taken[y0:y1, x0:x1] = True
-        for _ in range(int(rng.integers(cfg.textures[0], cfg.textures[1] + 1))):
-            _draw_texture(rng, canvas, parts, size, taken)
+        wanted = int(rng.integers(cfg.textures[0], cfg.textures[1] + 1))
+        for _attempt in range(100):        # re-place the object until the image's textures fit beside it
+            base = rng.integers(110, 150)
+            canvas = np.clip(base + rng.normal(0, cfg.noise, (size, size, 3)), 0, 255)
+            parts = np.zeros((size, size), np.uint8)
+            y0, y1, x0, x1 = _draw_object(rng, canvas, parts, CLASSES[labels[i]], size)
+            taken = np.zeros((size, size), bool)
+            taken[y0:y1, x0:x1] = True
+            if all(_draw_texture(rng, canvas, parts, size, taken, cfg.texture_size) for _ in range(wanted)):
+                break
+        part_maps[i] = parts
         images[i] = canvas.astype(np.uint8)
     return {"images": images, "parts": part_maps, "labels": labels.astype(np.int64)}
 

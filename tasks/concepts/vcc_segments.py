@@ -83,7 +83,7 @@ class SegmentConfig(BaseModel):
     top_clusters: int = Field(3, ge=2, description="k-means clusters of each image's top-layer tokens")
     slic_segments: int = Field(2, ge=1, description="SLIC's n_segments inside each parent (a grid target)")
     compactness: float = Field(0.3, gt=0, description="SLIC compactness (features are standardised per image)")
-    min_patches: int = Field(2, ge=1, description="size filter: segments smaller than this many patches are "
+    min_patches: int = Field(3, ge=1, description="size filter: segments smaller than this many patches are "
                                                   "dropped (a parent too small to split stays whole)")
     seed: int = 0
 
@@ -185,37 +185,53 @@ def mean_colour(images: np.ndarray) -> np.ndarray:
 
 class SegmentActivationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    layer: int = Field(0, description="the block (set by the workflow)")
+    layers: list[int] = Field(default_factory=list, description="analysed blocks (set by the workflow)")
     batch_size: int = Field(64, ge=1)
 
 
 def _segment_pixels(model, images, segments, ids) -> torch.Tensor:
+    """Normalised pixels of the segment images of ``ids`` (segment numbers of one layer's table)."""
     mean, std = _pixel_stats(model)
     table = segments["segments"]
     position = {int(v): i for i, v in enumerate(table.column("segment").to_pylist())}
     rows = np.asarray([position[int(s)] for s in ids])
     image_rows = table.column("image").to_numpy()[rows]
-    size = token_grid(model.model.config)
-    out_size = model.model.config.image_size if isinstance(model.model.config.image_size, int) \
-        else model.model.config.image_size[0]
+    config = model.model.config
+    out_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     seg = segment_images(images["images"], image_rows, segments["masks"][rows], mean_colour(images["images"]),
                          out_size)
-    del size
     return torch.from_numpy(pixel_values(seg, mean, std))
 
 
-def extract_segments(cfg: SegmentActivationConfig, shard, model, images, segments) -> dict:
-    """Pooled activations at ``cfg.layer`` of the segment images of one shard of segments."""
-    ids = np.asarray(shard.ids, np.int64)
-    pixels = _segment_pixels(model, images, segments, ids)
+def layer_segment_ids(cfg: SegmentActivationConfig, **segments) -> list[tuple[int, int]]:
+    """Stable ids (layer, segment) of every analysed layer's segments (inputs ``segments_<layer>``): one
+    sharded node (one actor pool) serves all layers."""
+    return [(layer, s) for layer in cfg.layers for s in segment_ids(None, segments[f"segments_{layer}"])]
+
+
+def _by_layer(ids, layers) -> dict[int, np.ndarray]:
+    ids = [tuple(int(v) for v in i) for i in ids]
+    return {layer: np.asarray([s for lay, s in ids if lay == layer], np.int64) for layer in layers}
+
+
+def extract_segments(cfg: SegmentActivationConfig, shard, model, images, **segments) -> dict:
+    """Pooled activations of the segment images of one shard of (layer, segment) ids, each at its own
+    layer: outputs ``ids.<layer>`` and ``pooled.<layer>`` for every layer (empty where the shard has none)."""
     rows, cols = token_grid(model.model.config)
     n_patches = rows * cols
-    out = []
-    for start in range(0, len(ids), cfg.batch_size):
-        with torch.no_grad():
-            _, captured, _ = hooked_forward(model, pixels[start:start + cfg.batch_size], [cfg.layer])
-        out.append(pooled(captured[cfg.layer], n_patches).cpu().numpy())
-    return {"ids": ids, "pooled": np.concatenate(out).astype(np.float32)}
+    width = model.model.config.hidden_size
+    out = {}
+    for layer, ids in _by_layer(shard.ids, cfg.layers).items():
+        pooled_rows = [np.zeros((0, width), np.float32)]
+        if len(ids):
+            pixels = _segment_pixels(model, images, segments[f"segments_{layer}"], ids)
+            for start in range(0, len(ids), cfg.batch_size):
+                with torch.no_grad():
+                    _, captured, _ = hooked_forward(model, pixels[start:start + cfg.batch_size], [layer])
+                pooled_rows.append(pooled(captured[layer], n_patches).cpu().numpy())
+        out[f"ids.{layer}"] = ids
+        out[f"pooled.{layer}"] = np.concatenate(pooled_rows).astype(np.float32)
+    return out
 
 
 # --- concepts -------------------------------------------------------------------------------------------
@@ -289,16 +305,15 @@ def find_concepts(cfg: ConceptConfig, segments, ids, pooled, images) -> dict:
                         "elbow_k": float(len(fit.centroids)), "inertia_first": float(curve[0])}}
 
 
-def concept_segment_ids(cfg, concepts, **_) -> list[int]:
-    """Segments that belong to a kept concept (the targets of the edges into this layer)."""
+def _kept_segments(concepts) -> list[int]:
     table = concepts["assignments"]
     return [s for s, c in zip(table.column("segment").to_pylist(), table.column("concept").to_pylist()) if c]
 
 
 class GradientConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lower: int = Field(0, description="the lower block (set by the workflow)")
-    upper: int = Field(1, description="the upper block (set by the workflow)")
+    layers: list[int] = Field(default_factory=list, description="analysed blocks, bottom to top (set by the "
+                                                                "workflow); every adjacent pair gets gradients")
     objective: Literal["centroid", "contrast", "assignment"] = Field("assignment", description=(
         "what the gradient into upper concept u is of: 'centroid' = -||pool(upper) - centroid_u|| (the issue's "
         "form; for u's own members it points along each member's idiosyncratic offset from the centroid, and "
@@ -308,35 +323,54 @@ class GradientConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
 
 
-def concept_gradients(cfg: GradientConfig, shard, model, images, segments, concepts) -> dict:
-    """For each segment image of an upper concept u: d(-||pool(upper) - centroid_u||)/d(lower block),
-    summed over tokens (the gradients of the ITCAV edges into u)."""
-    ids = np.asarray(shard.ids, np.int64)
+def concept_segment_ids(cfg: GradientConfig, **concepts) -> list[tuple[int, int]]:
+    """Stable ids (upper layer, segment) of the segments that belong to a kept concept of each upper
+    layer (inputs ``concepts_<layer>``): the targets of the edges into that layer, all pairs in one node."""
+    return [(upper, s) for upper in cfg.layers[1:] for s in _kept_segments(concepts[f"concepts_{upper}"])]
+
+
+def concept_gradients(cfg: GradientConfig, shard, model, images, **inputs) -> dict:
+    """For each segment image of an upper concept u (ids (upper, segment); inputs ``segments_<upper>``,
+    ``concepts_<upper>``): d objective_u / d(the block below), summed over patch tokens (the gradients of
+    the ITCAV edges into u). Outputs ``grads.<lower>-<upper>`` and ``concept.<lower>-<upper>``."""
+    out = {}
+    for lower, upper in zip(cfg.layers, cfg.layers[1:]):
+        ids = _by_layer(shard.ids, [upper])[upper]
+        grads, index = _pair_gradients(cfg, lower, upper, ids, model, images, inputs[f"segments_{upper}"],
+                                       inputs[f"concepts_{upper}"])
+        out[f"grads.{lower}-{upper}"], out[f"concept.{lower}-{upper}"] = grads, index
+    return out
+
+
+def _pair_gradients(cfg: GradientConfig, lower: int, upper: int, ids: np.ndarray, model, images, segments,
+                    concepts) -> tuple[np.ndarray, np.ndarray]:
     table = concepts["assignments"]
     concept_of = dict(zip(table.column("segment").to_pylist(), table.column("concept").to_pylist()))
     names = [r["concept"] for r in concepts["concepts"].to_pylist() if r["kept"]]
+    index = np.asarray([names.index(concept_of[int(s)]) for s in ids], np.int64)
+    if not len(ids):
+        return np.zeros((0, model.model.config.hidden_size), np.float32), index
     centroids = torch.from_numpy(np.asarray(concepts["centroids"], np.float32))
     layer_mean = torch.from_numpy(np.asarray(concepts["layer_mean"], np.float32))
     spread = float(np.asarray(concepts["spread"]).reshape(-1)[0])
-    index = torch.as_tensor([names.index(concept_of[int(s)]) for s in ids])
-    targets = torch.stack([centroids[names.index(concept_of[int(s)])] for s in ids])
+    targets = centroids[torch.from_numpy(index)]
+    u_all = torch.from_numpy(index)
     pixels = _segment_pixels(model, images, segments, ids)
     rows, cols = token_grid(model.model.config)
     n_patches = rows * cols
     grads = []
     for start in range(0, len(ids), cfg.batch_size):
         c = targets[start:start + cfg.batch_size]
-        u = index[start:start + cfg.batch_size]
+        u = u_all[start:start + cfg.batch_size]
 
         def objective(logits, captured, c=c, u=u):
-            a = pooled(captured[cfg.upper], n_patches)
+            a = pooled(captured[upper], n_patches)
             if cfg.objective == "assignment":
                 logp = torch.log_softmax(-torch.cdist(a, centroids) ** 2 / max(spread, 1e-6), dim=-1)
                 return logp[torch.arange(len(u)), u]
             value = -(a - c).norm(dim=-1)
             return value + (a - layer_mean).norm(dim=-1) if cfg.objective == "contrast" else value
 
-        grads.append(gradient_sums(model, pixels[start:start + cfg.batch_size], cfg.lower, objective,
-                                   layers=(cfg.upper,), patches=n_patches).numpy())
-    return {"ids": ids, "grads": np.concatenate(grads).astype(np.float32),
-            "concept": np.asarray([names.index(concept_of[int(s)]) for s in ids], np.int64)}
+        grads.append(gradient_sums(model, pixels[start:start + cfg.batch_size], lower, objective,
+                                   layers=(upper,), patches=n_patches).numpy())
+    return np.concatenate(grads).astype(np.float32), index
