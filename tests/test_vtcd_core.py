@@ -18,7 +18,8 @@ from interpflow.tasks.video.layout import TokenGrid
 
 
 def test_planted_clips_move_the_ball_in_the_labelled_direction_past_a_static_square():
-    data = make_concept_clips(ConceptClipConfig(n_clips=40, seed=1))
+    data = make_concept_clips(ConceptClipConfig(n_clips=40, seed=1, size=32, radius=3.0, square=8, min_speed=2.0,
+                                                max_speed=3.0))
     labels, ball, square, frames = (column(data, c) for c in ("label", "ball", "square", "frames"))
     assert labels.tolist() == [0, 1] * 20
     angle = 2 * np.pi * (np.arange(32) + 0.5) / 32                          # a circular mean: the ball wraps
@@ -29,7 +30,9 @@ def test_planted_clips_move_the_ball_in_the_labelled_direction_past_a_static_squ
         assert (step > 0) == bool(labels[i]), (i, step)
         assert square[i].sum() == 64                                       # an 8 x 8 square, static
         on_square = (square[i] == 1) & (ball[i, 0] == 0)
-        assert (frames[i, 0][on_square][:, 0] == 255).all() and (frames[i, 0][on_square][:, 1] < 255).all()
+        colour = np.rint(255 * 0.35 * np.array([1.0, 0.3, 0.3]))           # a dim reddish square
+        pixels = frames[i, 0][on_square]                                   # (the ball's soft rim may brighten a few)
+        assert (pixels == colour).all(1).mean() > 0.75 and (pixels >= colour).all()
     assert (frames[:, :, :, :, 0][ball == 1] >= 128).all()                # the ball is drawn where its mask is
 
 

@@ -33,6 +33,8 @@ class TubeletConfig(BaseModel):
     compactness: float = Field(0.5, gt=0, description="SLIC: weight of space-time distance against feature "
                                                       "distance (features standardised per volume)")
     min_tokens: int = Field(2, ge=1, description="tubelets with fewer tokens are dropped")
+    time_spacing: float = Field(1.0, gt=0, description="SLIC's distance between token frames, in patches (below 1: "
+                                                       "tubelets reach further in time than in space)")
     target_class: int = Field(1, ge=0, description="the class whose videos are studied (index into the "
                                                    "model's labels)")
     batch_size: int = Field(32, ge=1)
@@ -66,7 +68,7 @@ def object_tokens(masks: np.ndarray, grid: TokenGrid) -> np.ndarray:
 
 
 def segment_volume(features: np.ndarray, grid: TokenGrid, n_segments: int, compactness: float,
-                   min_tokens: int) -> list[np.ndarray]:
+                   min_tokens: int, time_spacing: float = 1.0) -> list[np.ndarray]:
     """Tubelets of one (video, layer, head): a list of token-index arrays (sorted), tiny ones dropped."""
     from skimage.segmentation import slic
 
@@ -76,7 +78,8 @@ def segment_volume(features: np.ndarray, grid: TokenGrid, n_segments: int, compa
     # SLIC's own small-segment merge (min_size_factor) would fold a small object into its surroundings
     # before ``min_tokens`` is applied, so it is turned down to a single token
     labels = slic(volume, n_segments=n_segments, compactness=compactness, channel_axis=-1, start_label=0,
-                  enforce_connectivity=True, min_size_factor=SLIC_MIN_SIZE / max(volume.size / volume.shape[-1] / n_segments, 1))
+                  enforce_connectivity=True, spacing=(time_spacing, 1.0, 1.0),
+                  min_size_factor=SLIC_MIN_SIZE / max(volume.size / volume.shape[-1] / n_segments, 1))
     tubelets = []
     for label in np.unique(labels):
         tokens = np.sort(index[labels == label])
@@ -130,7 +133,7 @@ def tubelet_shard(cfg: TubeletConfig, shard, model, data) -> dict:
             for layer, head in pairs:
                 feats = store[layer][b, :, head].float().cpu().numpy()           # (tokens, C)
                 for j, tokens in enumerate(segment_volume(feats, grid, cfg.n_segments, cfg.compactness,
-                                                          cfg.min_tokens)):
+                                                          cfg.min_tokens, cfg.time_spacing)):
                     for key, value in (("video", video), ("layer", layer), ("head", head), ("tubelet", j),
                                        ("tokens", tokens.astype(np.int32)),
                                        ("feature", feats[tokens].mean(0).astype(np.float32))):

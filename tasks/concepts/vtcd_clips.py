@@ -24,18 +24,20 @@ CLASSES = ("left", "right")
 
 
 class ConceptClipConfig(BaseModel):
-    """The planted clips; defaults: 480 clips of 8 x 32 x 32 x 3, half of each class."""
+    """The planted clips; defaults: 480 clips of 8 x 64 x 64 x 3, half of each class."""
 
     model_config = ConfigDict(extra="forbid")
     n_clips: int = Field(480, ge=4, le=200_000, description="clips, alternating left and right")
     frames: int = Field(8, ge=2, le=64)
-    size: int = Field(32, ge=16, le=256, description="frame side, pixels")
+    size: int = Field(64, ge=16, le=256, description="frame side, pixels")
     channels: int = Field(3, ge=1, le=4)
-    radius: float = Field(3.0, gt=0, description="ball radius, pixels")
-    min_speed: float = Field(2.0, gt=0, description="px/frame")
-    max_speed: float = Field(3.0, gt=0, description="px/frame")
+    radius: float = Field(5.0, gt=0, description="ball radius, pixels")
+    min_speed: float = Field(2.5, gt=0, description="px/frame")
+    max_speed: float = Field(4.0, gt=0, description="px/frame")
     max_angle: float = Field(30.0, ge=0, lt=90, description="largest angle of the motion from the horizontal, deg")
-    square: int = Field(8, ge=2, description="side of the static distractor square, pixels")
+    square: int = Field(14, ge=2, description="side of the static distractor square, pixels")
+    square_intensity: float = Field(0.35, gt=0, le=1, description="brightness of the square's colour (the ball is "
+                                                                  "white): a visible, irrelevant distractor")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -74,7 +76,7 @@ def make_concept_clips(cfg: ConceptClipConfig) -> datasets.Dataset:
         square[i, y:y + cfg.square, x:x + cfg.square] = 1
     cover = disc_coverage(centres, L, cfg.radius, wrap=True)                            # (n, T, L, L)
     frames = np.empty((n, T, L, L, cfg.channels), dtype=np.uint8)
-    for k, colour in enumerate(distractor_colour(cfg.channels)):                      # ball drawn over the square
+    for k, colour in enumerate(cfg.square_intensity * distractor_colour(cfg.channels)):   # ball over the square
         under = square[:, None].astype(np.float32) * np.float32(255.0 * colour)
         frames[..., k] = np.rint(under + cover * (np.float32(255.0 * BALL_COLOUR) - under))
     features = _features(cfg)

@@ -36,7 +36,7 @@ class VideoClassifierConfig(BaseModel):
         "lets a tubelet-2 model read motion off the ball's own tokens without attention"))
     train_clips: int = Field(2000, ge=20, description="fresh clips (own seed) it trains on")
     eval_clips: int = Field(200, ge=10)
-    steps: int = Field(400, ge=1)
+    steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-3, gt=0, le=1)
     seed: int = 0
