@@ -125,6 +125,15 @@ class ModelRef(BaseModel):
     revision: str | None = None
 
 
+def hf_config(ref: ModelRef, cfg: ModelConfig):
+    """A user model's HF config (no weights read), for checks before any compute; a clear error when the
+    folder or hub id holds no model."""
+    from transformers import AutoConfig
+
+    check_model_source(ref.path)
+    return AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=cfg.trust_remote_code)
+
+
 def use_model(cfg: ModelRef) -> str:
     """A graph node standing for an external model: its output is the id or path to load.
 

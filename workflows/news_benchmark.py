@@ -90,13 +90,7 @@ class NewsBenchmark(BaseModel):
 
 def model_config(cfg: NewsBenchmark):
     """The video model's HF config, known before anything is trained or loaded."""
-    if cfg.model is None:
-        return tiny_video.videomae_config(cfg.video_model, training_clips(cfg))
-    from transformers import AutoConfig
-
-    models.check_model_source(cfg.model.path)
-    return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.load.trust_remote_code)
+    return tiny_video.videomae_config(cfg.video_model, training_clips(cfg)) if cfg.model is None else models.hf_config(cfg.model, cfg.load)
 
 
 def training_clips(cfg: NewsBenchmark) -> clip_data.ClipConfig:

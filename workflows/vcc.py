@@ -76,13 +76,7 @@ def classifier_pool(cfg: VccStudy) -> ActorPool:
 
 def model_config(cfg: VccStudy):
     """The classifier's HF config, known before anything is trained or loaded."""
-    if cfg.model is None:
-        return vcc_model.vit_config(cfg.classifier, cfg.images)
-    from transformers import AutoConfig
-
-    models.check_model_source(cfg.model.path)
-    return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.load.trust_remote_code)
+    return vcc_model.vit_config(cfg.classifier, cfg.images) if cfg.model is None else models.hf_config(cfg.model, cfg.load)
 
 
 def vcc_graph(cfg: VccStudy) -> Graph:
