@@ -17,7 +17,7 @@ from support import cli, run_then_kill, settled
 TINY_MODEL = {"layers": 2, "hidden_size": 16, "heads": 2, "intermediate_size": 32, "patch_size": 8, "steps": 10,
               "batch_size": 8, "train_clips": 40, "eval_clips": 10}
 SMALL = {"workflow": "vtcd", "clips": {"n_clips": 24, "size": 32},
-         "video_model": TINY_MODEL, "concepts": {"max_concepts": 3},
+         "video_model": TINY_MODEL, "tubelets": {"layers": [1]}, "concepts": {"max_concepts": 3},
          "cris": {"draws": 32, "draws_per_pass": 2}, "cris_shards": 8,
          "curves": {"points": 3, "random_orders": 1, "prune_counts": [1, 2]}}
 
@@ -57,11 +57,11 @@ def test_killed_cris_resumes_only_missing_draw_shards_to_the_same_importance(tmp
     from interpflow.tasks.models import ModelConfig
 
     handle = interpflow.open_run(run_id, store=str(store))
-    pairs = [(layer, head) for layer in range(2) for head in range(2)]
+    pairs = [(1, 0), (1, 1)]
     members = {f"members.{l}.{h}": handle.table(f"concepts.{l}.{h}", "members") for l, h in pairs}
     concepts = {f"concepts.{l}.{h}": handle.table(f"concepts.{l}.{h}", "concepts") for l, h in pairs}
     stored = handle.table("importance", "importance").to_pylist()
-    assert len(stored) == sum(t.num_rows for t in concepts.values()) >= 4
+    assert len(stored) == sum(t.num_rows for t in concepts.values()) >= 2
     assert sorted(r["rank"] for r in stored) == list(range(1, len(stored) + 1))
 
     # the same draws computed in one uninterrupted pass, in this process, from the stored concepts and model
@@ -93,20 +93,20 @@ def _random_videomae(tmp_path, **config) -> str:
 @pytest.mark.e2e
 def test_a_random_hf_videomae_from_a_folder_runs_end_to_end(tmp_path):
     model = _random_videomae(tmp_path)
-    spec, store = _spec(tmp_path, model={"path": model}, tubelets={"layers": [1], "feature": "values"},
+    spec, store = _spec(tmp_path, model={"path": model}, tubelets={"layers": [0], "feature": "values"},
                         cris_shards=2)
     result = cli("run", str(spec), "--no-progress", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (record_path,) = store.glob("runs/*/record.json")
     record = json.loads(record_path.read_text())
     assert "video_classifier" not in record["nodes"] and record["nodes"]["model"]["status"] == "ran"
-    assert {n for n in record["nodes"] if n.startswith("concepts.")} == {"concepts.1.0", "concepts.1.1"}
+    assert {n for n in record["nodes"] if n.startswith("concepts.")} == {"concepts.0.0", "concepts.0.1"}
 
     import interpflow
 
     handle = interpflow.open_run(record["run_id"], store=str(store))
     importance = handle.table("importance", "importance").to_pylist()
-    assert importance and {r["layer"] for r in importance} == {1}
+    assert importance and {r["layer"] for r in importance} == {0}
     curves = handle.table("checks", "curves").to_pylist()
     assert {r["order"] for r in curves} == {"most", "least", "random.0"}
     assert all(r["removed"] == 0 for r in curves if r["fraction"] == 0)
@@ -125,17 +125,17 @@ def test_bad_input_is_an_error_before_compute(tmp_path):
     assert "tubelets.layers has [9] out of range: the model has blocks 0..3" in error("tubelets.layers=[0, 9]")
     assert "only 5 videos of the target class" in error("clips.n_clips=10", "concepts.max_concepts=8")
     small = _random_videomae(tmp_path, image_size=16)
-    assert "clips.size=32 but the model takes image_size=16" in error(f"model.path={small}")
+    assert "clips.size=64 but the model takes image_size=16" in error(f"model.path={small}")
     assert "tubelets.target_class=3 but the model has 2 classes" in error("tubelets.target_class=3")
 
     from transformers import TimesformerConfig, TimesformerForVideoClassification
 
-    fused = tmp_path / "timesformer"
+    fused = tmp_path / "timesformer"                                        # fuses q, k, v in one qkv
     TimesformerForVideoClassification(TimesformerConfig(image_size=32, patch_size=8, num_frames=8, hidden_size=16,
                                                         num_hidden_layers=1, num_attention_heads=2,
                                                         intermediate_size=32)).save_pretrained(fused)
     assert "tubelets.feature: feature 'keys': block 0 of TimesformerForVideoClassification has no separate 'key'" \
-        in error(f"model.path={fused}")
+        in error(f"model.path={fused}", "clips.size=32")
 
     result = cli("run", "vtcd", "tubelets.heads=[7]", f"run.store={tmp_path / 'store'}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "tubelets.heads" in result.stdout + result.stderr
