@@ -68,13 +68,7 @@ class VTCDStudy(BaseModel):
 
 def model_config(cfg: VTCDStudy):
     """The study model's HF config, known before anything is trained or loaded."""
-    if cfg.model is None:
-        return classifier_config(cfg.video_model, cfg.clips)
-    from transformers import AutoConfig
-
-    models.check_model_source(cfg.model.path)
-    return AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.load.trust_remote_code)
+    return classifier_config(cfg.video_model, cfg.clips) if cfg.model is None else models.hf_config(cfg.model, cfg.load)
 
 
 def grid_of(cfg: VTCDStudy) -> list[int]:
