@@ -4,8 +4,9 @@ Prints, on the planted clips and an embedded-size VideoMAE classifier (random we
 on what the weights learned):
 - masked videos/s of CRIS (one masked video = one video through the model under one draw's masks):
   a plain loop with one mask per pass (one video under one draw per forward: the baseline), one draw per pass
-  (all videos of the draw batched), and `cris.cris_shard` (the function the workflow's sharded node runs,
-  ``--draws-per-pass`` draws x all videos per forward) in process, on 1 Ray actor and on 2 Ray actors (each
+  (all videos of the draw batched, each with its own masks), and `cris.cris_shard` (the function the
+  workflow's sharded node runs, ``--draws-per-pass`` draws x all videos per forward; also at
+  ``--many-draws-per-pass``) in process, on 1 Ray actor and on 2 Ray actors (each
   with 1 CPU and 1 torch thread, draws split evenly; actor start and model load timed apart). Ratios against
   the baseline and 2 actors / 1 actor;
 - wall time of the clustering fan-out (`vtcd_concepts.discover_concepts` for every (layer, head), the graph's
@@ -103,7 +104,7 @@ def actor_rate(path: str, data, members, draws: int, per_pass: int, actors: int)
             self.model = load_classifier(ModelConfig(), model_path)
 
         def run(self, ids, data, members, per_pass):
-            cfg = cris.CrisConfig(draws=len(ids), draws_per_pass=per_pass)
+            cfg = cris.CrisConfig(draws=max(len(ids), 2), draws_per_pass=per_pass)   # draws: ids given explicitly
             return cris.cris_shard(cfg, SimpleNamespace(ids=tuple(ids)), self.model, data, **members)["draws"].num_rows
 
     started = time.perf_counter()
@@ -138,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=30)
     parser.add_argument("--draws", type=int, default=64)
-    parser.add_argument("--draws-per-pass", type=int, default=8)
+    parser.add_argument("--draws-per-pass", type=int, default=1)
+    parser.add_argument("--many-draws-per-pass", type=int, default=8, help="also measured in process")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
@@ -154,6 +156,7 @@ def main() -> None:
         baseline = best(lambda: plain_loop(model, data, members, max(args.draws // 8, 2), per_draw=False))
         one_draw = best(lambda: plain_loop(model, data, members, args.draws, per_draw=True))
         batched = best(lambda: shard_rate(model, data, members, args.draws, args.draws_per_pass))
+        many = best(lambda: shard_rate(model, data, members, args.draws, args.many_draws_per_pass))
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         try:
             one, setup1 = max(actor_rate(path, data, members, args.draws, args.draws_per_pass, 1)
@@ -162,7 +165,8 @@ def main() -> None:
                               for _ in range(args.repeats))
             print("\nCRIS masked videos/s (1 torch thread per process)")
             for name, rate in (("one mask per pass (baseline)", baseline), ("one draw per pass", one_draw),
-                               (f"cris_shard, {args.draws_per_pass} draws per pass, in process", batched),
+                               (f"cris_shard, {args.draws_per_pass} draw(s) per pass, in process", batched),
+                               (f"cris_shard, {args.many_draws_per_pass} draws per pass, in process", many),
                                ("cris_shard on 1 actor", one), ("cris_shard on 2 actors", two)):
                 print(f"  {name:<48} {rate:9.1f}   x{rate / baseline:5.1f} vs baseline")
             print(f"  2 actors / 1 actor: x{two / one:.2f}   (actor start + model load: {setup1:.1f} s / {setup2:.1f} s)")

@@ -36,7 +36,9 @@ class CrisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     draws: int = Field(256, ge=2, description="M: random concept subsets")
     drop_fraction: float = Field(0.5, gt=0, lt=1, description="share of all concepts dropped in each draw")
-    draws_per_pass: int = Field(4, ge=1, description="draws batched into one forward pass (x all videos)")
+    draws_per_pass: int = Field(1, ge=1, description=(
+        "draws batched into one forward pass, each with all videos (so one draw is already a batch of as many "
+        "masks as videos); more draws per pass were slower on CPU (benchmarks/concept_discovery.py)"))
     seed: int = 0
     feature: str = Field("keys", description="set by the workflow: the feature the concepts were found in")
     target_class: int = Field(1, description="set by the workflow")
