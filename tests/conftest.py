@@ -22,7 +22,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # the dashboard stays on: Ray Train's PlacementGroupCleaner polls the State API it serves (runner.ensure_ray)
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

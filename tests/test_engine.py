@@ -133,3 +133,33 @@ def test_mlflow_holds_parent_and_one_nested_run_per_node(settings):
     assert runs["transform_shard"].data.metrics["shards_ran"] == 4
     figures = [a.path for a in client.list_artifacts(runs["histogram"].info.run_id, "figures")]
     assert figures == ["figures/histogram.png"]
+
+
+def _fit(config, train):
+    return {}
+
+
+def test_training_node_tasks_reach_this_clusters_state_api(settings):
+    """Ray Train's PlacementGroupCleaner asks the State API, from inside a training node's task tree, whether
+    the controller still lives. It must answer there, about this cluster (not a head /tmp/ray remembers):
+    a hung query made every TorchTrainer.fit() wait ~12 s at shutdown."""
+    import ray
+
+    from interpflow.workflows.engine.graph import Graph, trained
+    from interpflow.workflows.engine.record import RunRecord
+    from interpflow.workflows.engine.runner import Runner
+    from interpflow.workflows.engine.store import Store
+
+    store = Store(settings.resolved_store())
+    record = RunRecord.create(store, "state-api", "graph", {}, {}, {})
+    runner = Runner(Graph(trained(_fit)), settings, store, record, None)
+    (node,) = runner.graph
+    node_id = ray.get_runtime_context().get_node_id()
+
+    @ray.remote
+    def ask() -> bool:
+        from ray.util.state import get_node
+
+        return get_node(node_id, timeout=10) is not None
+
+    assert ray.get(ask.options(**runner._task_options(node)).remote(), timeout=60)
