@@ -89,6 +89,25 @@ def test_zeroed_keys_are_zero_exactly_where_masked_and_all_ones_changes_nothing(
         feature_modules(model, "heads")
 
 
+def test_vivit_projections_are_found_under_their_names_and_its_cls_is_outside_the_grid():
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    from interpflow.tasks.concepts.vtcd_model import VideoClassifierConfig, classifier_config
+    from interpflow.tasks.video.layout import token_grid
+
+    config = classifier_config(VideoClassifierConfig(architecture="vivit", hidden_size=16, layers=2, heads=2,
+                                                     intermediate_size=32), ConceptClipConfig(size=32))
+    assert isinstance(config, VivitConfig) and token_grid(config).prefix == 1
+    model = VivitForVideoClassification(config).eval()
+    assert [type(m).__name__ for m in feature_modules(model, "keys")] == ["Linear", "Linear"]
+    pixels = torch.randn(2, 8, 3, 32, 32)
+    keep = torch.ones(2, token_grid(config).n_tokens, 2)
+    keep[0, 1:, 0] = 0
+    with zeroed(model, "keys", {0: keep}), captured(model, "keys", [0]) as seen, torch.no_grad():
+        model(pixel_values=pixels)
+    assert torch.all(seen[0][0, 1:, 0] == 0) and torch.all(seen[0][1, 1:] != 0) and torch.all(seen[0][0, 1:, 1] != 0)
+
+
 def test_a_model_with_fused_projections_names_the_feature_it_lacks():
     from transformers import GPT2Config, GPT2Model
 

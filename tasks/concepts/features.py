@@ -18,7 +18,7 @@ from torch import nn
 
 Feature = Literal["keys", "queries", "values", "tokens"]
 FEATURES = ("keys", "queries", "values", "tokens")
-_PROJECTION = {"keys": "key", "queries": "query", "values": "value"}
+_PROJECTION = {"keys": ("key", "k_proj"), "queries": ("query", "q_proj"), "values": ("value", "v_proj")}
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -35,10 +35,11 @@ def feature_modules(model: nn.Module, feature: str) -> list[nn.Module]:
         raise ValueError(f"feature '{feature}' is unknown; choose one of {', '.join(FEATURES)}")
     if feature == "tokens":
         return _blocks(model)
-    name = _PROJECTION[feature]
+    names = _PROJECTION[feature]
+    name = names[0]
     modules = []
     for i, block in enumerate(_blocks(model)):
-        found = [getattr(m, name) for m in block.modules() if isinstance(getattr(m, name, None), nn.Linear)]
+        found = [getattr(m, n) for m in block.modules() for n in names if isinstance(getattr(m, n, None), nn.Linear)]
         if len(found) != 1:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(f"feature '{feature}': block {i} of {type(model).__name__} has "

@@ -29,6 +29,8 @@ class VideoClassifierConfig(BaseModel):
     heads: int = Field(4, ge=1)
     intermediate_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1, description="square patch side, pixels")
+    architecture: str = Field("videomae", pattern="^(vivit|videomae)$", description=(
+        "vivit: the head reads the CLS token, which no tubelet covers; videomae: see readout"))
     tubelet_size: int = Field(2, ge=1, description="frames per token")
     readout: str = Field("first_token", pattern="^(first_token|mean)$", description=(
         "first_token: the head reads one token (a CLS-like readout, as ViViT and TimeSformer do), so what "
@@ -49,16 +51,24 @@ class VideoClassifierConfig(BaseModel):
 
 
 def classifier_config(cfg: VideoClassifierConfig, clips: ConceptClipConfig):
-    from transformers import VideoMAEConfig
+    """The HF config: ViViT (its CLS token is the readout, outside every tubelet, as in the video transformers
+    VTCD studies) or VideoMAE (no CLS: the readout is the mean of all tokens, or one patch token)."""
+    from transformers import VideoMAEConfig, VivitConfig
 
     if clips.size % cfg.patch_size:
         raise ValueError(f"video_model.patch_size={cfg.patch_size} must divide clips.size={clips.size}")
+    labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    if cfg.architecture == "vivit":
+        return VivitConfig(image_size=clips.size, num_frames=clips.frames, num_channels=clips.channels,
+                           tubelet_size=[cfg.tubelet_size, cfg.patch_size, cfg.patch_size],
+                           hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                           intermediate_size=cfg.intermediate_size, hidden_act="gelu",
+                           architectures=["VivitForVideoClassification"], **labels)
     return VideoMAEConfig(image_size=clips.size, patch_size=cfg.patch_size, num_channels=clips.channels,
                           num_frames=clips.frames, tubelet_size=cfg.tubelet_size, hidden_size=cfg.hidden_size,
                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                           intermediate_size=cfg.intermediate_size, use_mean_pooling=cfg.readout == "mean",
-                          id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
-                          architectures=["VideoMAEForVideoClassification"])
+                          architectures=["VideoMAEForVideoClassification"], **labels)
 
 
 class ClassifierFolder:
@@ -75,7 +85,7 @@ class ClassifierFolder:
 def train_video_classifier(cfg: VideoClassifierConfig, clips: ConceptClipConfig) -> dict:
     """Graph node: the trained classifier folder; held-out accuracy as a metric."""
     from tqdm.auto import tqdm
-    from transformers import VideoMAEForVideoClassification
+    from transformers import AutoModelForVideoClassification
 
     started = time.perf_counter()
     config = classifier_config(cfg, clips)
@@ -86,7 +96,7 @@ def train_video_classifier(cfg: VideoClassifierConfig, clips: ConceptClipConfig)
     mean = (flat.mean(0) / 255).tolist()
     std = np.maximum(flat.std(0) / 255, 1e-3).tolist()
     torch.manual_seed(cfg.seed)
-    model = VideoMAEForVideoClassification(config)
+    model = AutoModelForVideoClassification.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.steps // 10)       # linear warmup, then a cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
