@@ -156,7 +156,7 @@ def test_cris_draws_are_seeded_and_the_estimator_ranks_planted_effects():
                       "removed": pa.array([r.astype(np.int32) for r in removed], pa.list_(pa.int32()))})
     concepts = {f"concepts.0.{h}": pa.Table.from_pylist([{"concept_id": f"L0H{h}C{c}", "layer": 0, "head": h,
                                                           "concept": c} for c in range(3)]) for h in range(2)}
-    table = cris.importance_scores(draws, concepts, 0, 0.5)
+    table = cris.importance_scores(draws, concepts)
     rows = {r["concept_id"]: r for r in table.to_pylist()}
     assert [r["concept_id"] for r in sorted(rows.values(), key=lambda r: r["rank"])][:2] == ["L0H1C2", "L0H0C1"]
     # fixed-size halves: for additive effects e the estimate is e_c C/(C-1) - sum(e)/(C-1) (a shift common

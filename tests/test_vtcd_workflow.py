@@ -69,7 +69,7 @@ def test_killed_cris_resumes_only_missing_draw_shards_to_the_same_importance(tmp
     data = make_concept_clips(ConceptClipConfig(n_clips=24, size=32))
     config = cris.CrisConfig(draws=32, draws_per_pass=5)
     whole = cris.cris_shard(config, SimpleNamespace(ids=tuple(range(32))), model, data, **members)
-    again = {r["concept_id"]: r["importance"] for r in cris.importance_scores(whole["draws"], concepts, 0, 0.5).to_pylist()}
+    again = {r["concept_id"]: r["importance"] for r in cris.importance_scores(whole["draws"], concepts).to_pylist()}
     assert np.allclose([r["importance"] for r in stored], [again[r["concept_id"]] for r in stored], atol=1e-6)
 
     report = handle.metrics("vtcd_report")

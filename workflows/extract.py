@@ -37,9 +37,11 @@ class ActivationSource(BaseModel):
         return model_actor_pool(self.load, self.actors, self.actor_cpus, self.actor_gpus)
 
 
-def model_actor_pool(load_cfg: models.ModelConfig, size: int, num_cpus: float, num_gpus: float) -> ActorPool:
-    """A pool of model actors that each load the study's model (the node's `model` input) once."""
-    return ActorPool(setup=load, config=load_cfg, size=size, setup_inputs=("model",), actor=ModelActor,
+def model_actor_pool(load_cfg: models.ModelConfig, size: int, num_cpus: float, num_gpus: float,
+                     setup=load) -> ActorPool:
+    """A pool of model actors that each load the study's model (the node's `model` input) once, with `setup`
+    (`actors.model.load` by default; e.g. `tasks.concepts.classifier.load_classifier` to keep a head)."""
+    return ActorPool(setup=setup, config=load_cfg, size=size, setup_inputs=("model",), actor=ModelActor,
                      num_cpus=num_cpus, num_gpus=num_gpus)
 
 

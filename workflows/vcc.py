@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from interpflow.actors.model import ModelActor
 from interpflow.tasks import models
 from interpflow.tasks.concepts import cav as vcav
 from interpflow.tasks.concepts import connectome
@@ -34,7 +33,8 @@ from interpflow.tasks.concepts import vcc_images as vimages
 from interpflow.tasks.concepts import vcc_model
 from interpflow.tasks.concepts import vcc_segments as vseg
 from interpflow.tasks.concepts.classifier import load_classifier
-from interpflow.workflows.engine import ActorPool, Graph, node, sharded
+from interpflow.workflows.engine import Graph, node, sharded
+from interpflow.workflows.extract import model_actor_pool
 
 
 class VccStudy(BaseModel):
@@ -68,12 +68,6 @@ class VccStudy(BaseModel):
         return v
 
 
-def classifier_pool(cfg: VccStudy) -> ActorPool:
-    """Model actors that each load the study's classifier (head included) once."""
-    return ActorPool(setup=load_classifier, config=cfg.load, size=cfg.actors, setup_inputs=("model",),
-                     actor=ModelActor, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
-
-
 def model_config(cfg: VccStudy):
     """The classifier's HF config, known before anything is trained or loaded."""
     return vcc_model.vit_config(cfg.classifier, cfg.images) if cfg.model is None else models.hf_config(cfg.model, cfg.load)
@@ -89,7 +83,7 @@ def vcc_graph(cfg: VccStudy) -> Graph:
     else:
         model = node(models.use_model, cfg.model, name="model",
                      external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
-    pool = classifier_pool(cfg)
+    pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus, setup=load_classifier)
     tokens = sharded(vseg.extract_tokens, cfg.tokens.model_copy(update={"layers": layers, "classes": len(classes)}),
                      ids=vimages.image_ids, num_shards=cfg.num_shards, name="tokens", actors=pool, images=images,
                      model=model)

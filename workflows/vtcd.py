@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from interpflow.actors.model import ModelActor
 from interpflow.tasks import models
 from interpflow.tasks.concepts import cris as removal
 from interpflow.tasks.concepts.classifier import classifier_auto, load_classifier
@@ -30,7 +29,8 @@ from interpflow.tasks.concepts.vtcd_concepts import ConceptConfig, discover_conc
 from interpflow.tasks.concepts.vtcd_model import VideoClassifierConfig, classifier_config, train_video_classifier
 from interpflow.tasks.concepts.vtcd_report import ImportanceConfig, VtcdReportConfig, cris_importance, vtcd_report
 from interpflow.tasks.video.layout import token_grid
-from interpflow.workflows.engine import ActorPool, Graph, node, sharded
+from interpflow.workflows.engine import Graph, node, sharded
+from interpflow.workflows.extract import model_actor_pool
 
 
 class ClassifierTraining(BaseModel):
@@ -81,12 +81,6 @@ def pairs_of(cfg: VTCDStudy) -> list[tuple[int, int]]:
     return study_layers_heads(cfg.tubelets, config.num_hidden_layers, config.num_attention_heads)
 
 
-def classifier_pool(cfg: VTCDStudy) -> ActorPool:
-    """Model actors that each load the study's classifier (head included) once."""
-    return ActorPool(setup=load_classifier, config=cfg.load, size=cfg.actors, setup_inputs=("model",),
-                     actor=ModelActor, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
-
-
 def vtcd_graph(cfg: VTCDStudy) -> Graph:
     grid, pairs = grid_of(cfg), pairs_of(cfg)
     target = cfg.tubelets.target_class
@@ -98,7 +92,7 @@ def vtcd_graph(cfg: VTCDStudy) -> Graph:
     else:
         model = node(models.use_model, cfg.model, name="model",
                      external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
-    pool = classifier_pool(cfg)
+    pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus, setup=load_classifier)
     tubelets = sharded(tubelet_shard, cfg.tubelets, ids=target_ids, num_shards=cfg.num_shards, name="tubelets",
                        actors=pool, data=clips, model=model)
     members, concept_tables = {}, {}
@@ -110,9 +104,7 @@ def vtcd_graph(cfg: VTCDStudy) -> Graph:
     cris_cfg = cfg.cris.model_copy(update={"feature": feature, "target_class": target})
     draws = sharded(removal.cris_shard, cris_cfg, ids=removal.draw_ids, num_shards=cfg.cris_shards, name="cris",
                     actors=pool, data=clips, model=model, **members)
-    importance = node(cris_importance, cfg.importance.model_copy(update={"seed": cris_cfg.seed,
-                                                                         "drop_fraction": cris_cfg.drop_fraction}),
-                      name="importance", draws=draws["draws"], **concept_tables)
+    importance = node(cris_importance, cfg.importance, name="importance", draws=draws["draws"], **concept_tables)
     curve_cfg = cfg.curves.model_copy(update={"feature": feature, "target_class": target})
     conditions = removal.check_conditions(curve_cfg)
     checks = sharded(removal.check_shard, curve_cfg, ids=removal.check_conditions,

@@ -151,7 +151,7 @@ def _n_tokens(members: dict) -> int:
     raise ValueError("members tables carry no n_tokens metadata")
 
 
-def importance_scores(draws, concepts_tables: dict, seed: int, fraction: float) -> pa.Table:
+def importance_scores(draws, concepts_tables: dict) -> pa.Table:
     """One row per concept: importance (kept mean - dropped mean), the two means, draws that dropped it,
     its rank (1 = most important), plus the concept's own columns (spread, silhouette, object IoUs)."""
     table = draws.to_table() if hasattr(draws, "to_table") else draws

@@ -23,8 +23,6 @@ from interpflow.tasks.video.layout import TokenGrid
 
 class ImportanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seed: int = Field(0, description="set by the workflow (the draws' seed)")
-    drop_fraction: float = Field(0.5, description="set by the workflow")
     show: int = Field(20, ge=1, description="concepts in the importance bar chart")
 
 
@@ -45,7 +43,7 @@ def cris_importance(cfg: ImportanceConfig, draws, **concepts) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = importance_scores(draws, concepts, cfg.seed, cfg.drop_fraction)
+    table = importance_scores(draws, concepts)
     rows = sorted(table.to_pylist(), key=lambda r: r["rank"])[:cfg.show]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows) + 2), 3.4))
     ax.bar(range(len(rows)), [r["importance"] for r in rows],
