@@ -1,6 +1,6 @@
 """VTCD's heavy parts (issue #10), measured: CRIS masked forward passes and the per-(layer, head) clustering.
 
-Prints, on the planted clips and an embedded-size VideoMAE classifier (random weights: speed does not depend
+Prints, on the planted clips and a 4-block x 4-head ViViT classifier (random weights: speed does not depend
 on what the weights learned):
 - masked videos/s of CRIS (one masked video = one video through the model under one draw's masks):
   a plain loop with one mask per pass (one video under one draw per forward: the baseline), one draw per pass
@@ -39,13 +39,15 @@ def build(tmp: str, videos: int):
     from interpflow.tasks.concepts.vtcd_model import ClassifierFolder, VideoClassifierConfig, classifier_config
     from interpflow.tasks.models import ModelConfig
     from interpflow.tasks.video.layout import token_grid
-    from transformers import VideoMAEForVideoClassification
+    from transformers import AutoModelForVideoClassification
 
     clips = ConceptClipConfig(n_clips=2 * videos)
-    config = classifier_config(VideoClassifierConfig(), clips)
+    # 4 blocks x 4 heads (the embedded study uses 2 x 2): 16 clustering jobs and 4x the concepts to mask
+    config = classifier_config(VideoClassifierConfig(layers=4, heads=4), clips)
     torch.manual_seed(0)
     path = os.path.join(tmp, "model")
-    ClassifierFolder(VideoMAEForVideoClassification(config).eval(), [0.1] * 3, [0.3] * 3).save_pretrained(path)
+    ClassifierFolder(AutoModelForVideoClassification.from_config(config).eval(), [0.1] * 3, [0.3] * 3
+                     ).save_pretrained(path)
     model = load_classifier(ModelConfig(), path)
     data = make_concept_clips(clips)
     cfg = TubeletConfig()

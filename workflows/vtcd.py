@@ -4,7 +4,7 @@ Universal Concept Discovery", Kowal et al., CVPR 2024) on any HF video classifie
 Methods, as the graph runs them:
  1. Clips with planted ground truth: the label is a moving ball's direction, a static distractor square
     is present too; ball and square masks are stored (``tasks.concepts.vtcd_clips``).
- 2. Model: the embedded tiny VideoMAE classifier, or any HF video classifier by id/path.
+ 2. Model: the embedded tiny ViViT classifier, or any HF video classifier by id/path.
  3. Tubelets, sharded over the target class's videos on model actors: per (layer, head), SLIC on the
     feature volume (keys by default), tiny segments dropped, masked-mean features.
  4. Concepts, one node per (layer, head): k-means with the elbow rule (or convex NMF); spread,
