@@ -186,3 +186,44 @@ def test_keep_masks_zero_the_removed_concepts_tokens_at_their_own_layer_and_head
     assert k0[1].min() == 1                                                    # removal 2 touches layer 1 only
     k1 = keep[1].numpy().reshape(2, 2, 5, 2)
     assert k1[1, :, 2, 0].tolist() == [0, 0] and k1[0].min() == 1 and k1[1, :, :, 1].min() == 1
+
+
+def test_the_embedded_classifier_puts_the_ball_first_and_the_square_below(tmp_path):
+    """The planted ground truth on the study's defaults, without Ray: the embedded classifier trained
+    as the workflow trains it, tubelets, concepts, CRIS, removal curves, and the report's checks."""
+    from types import SimpleNamespace
+
+    from interpflow.tasks.concepts.classifier import load_classifier
+    from interpflow.tasks.concepts.tubelets import study_layers_heads, target_ids, tubelet_shard
+    from interpflow.tasks.concepts.vtcd_concepts import discover_concepts
+    from interpflow.tasks.concepts.vtcd_model import train_video_classifier
+    from interpflow.tasks.concepts.vtcd_report import vtcd_report
+    from interpflow.tasks.models import ModelConfig
+    from interpflow.workflows.vtcd import VTCDStudy, grid_of
+
+    study = VTCDStudy()
+    trained = train_video_classifier(study.video_model, study.clips)
+    assert trained["metrics"]["heldout_accuracy"] >= 0.95
+    trained["model"].save_pretrained(tmp_path / "model")
+    model = load_classifier(ModelConfig(), str(tmp_path / "model"))
+    data = make_concept_clips(study.clips)
+    grid = grid_of(study)
+    tubelets = tubelet_shard(study.tubelets, SimpleNamespace(ids=tuple(target_ids(study.tubelets, data))), model,
+                             data)["tubelets"]
+    members, concepts = {}, {}
+    config = model.model.config
+    for layer, head in study_layers_heads(study.tubelets, config.num_hidden_layers, config.num_attention_heads):
+        found = discover_concepts(study.concepts.model_copy(update={"layer": layer, "head": head, "grid": grid}),
+                                  tubelets, data)
+        members[f"members.{layer}.{head}"], concepts[f"concepts.{layer}.{head}"] = found["members"], found["concepts"]
+    draws = cris.cris_shard(study.cris, SimpleNamespace(ids=tuple(cris.draw_ids(study.cris))), model, data,
+                            **members)["draws"]
+    importance = cris.importance_scores(draws, concepts)
+    checks = cris.check_shard(study.curves, SimpleNamespace(ids=tuple(cris.check_conditions(study.curves))), model,
+                              data, importance, **members)
+    report = vtcd_report(study.report.model_copy(update={"grid": grid}), importance, cris.head_importance(importance),
+                         checks["curves"], checks["pruning"], data, **members)["metrics"]
+    failed = {k: v for k, v in report.items() if k.startswith("check.") and v != 1.0}
+    assert report["ground_truth_ok"] == 1.0, (failed, report)
+    assert report["best_ball_rank"] <= study.report.top and report["top_ball_iou"] >= 0.5
+    assert report["auc.most_first"] < report["auc.random"] < report["auc.least_first"]
