@@ -47,6 +47,10 @@ class VideoClassifierConfig(BaseModel):
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-3, gt=0, le=1)
     seed: int = 0
+    threads: int | None = Field(1, ge=1, description=(
+        "torch threads while training (restored after): float sums in another order train another model, and "
+        "which mechanism a model learns varies between such near-identical runs (README: seeds); 1 makes a seed "
+        "give the same model in a Ray task, an actor or a test; null: torch's default"))
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> VideoClassifierConfig:
@@ -89,6 +93,16 @@ class ClassifierFolder:
 
 def train_video_classifier(cfg: VideoClassifierConfig, clips: ConceptClipConfig) -> dict:
     """Graph node: the trained classifier folder; held-out accuracy as a metric."""
+    previous = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, clips)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(cfg: VideoClassifierConfig, clips: ConceptClipConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForVideoClassification
 

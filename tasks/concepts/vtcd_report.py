@@ -65,8 +65,8 @@ class VtcdReportConfig(BaseModel):
     ball_iou: float = Field(0.5, gt=0, le=1, description="token IoU a top concept must reach with the ball")
     object_iou: float = Field(0.3, gt=0, le=1, description="token IoU that labels a concept ball or square")
     examples: int = Field(3, ge=1, description="videos shown per top concept in the tubelet figure")
-    default_margin: float = Field(0.05, ge=0, description=(
-        "target_is_default = 1 when removing every concept lowers the target's performance by less than this"))
+    flat_margin: float = Field(0.05, ge=0, description=(
+        "removal_flat = 1 when no point of the most-important-first curve is this much below no removal"))
     grid: list[int] = Field(default_factory=list, description="set by the workflow: prefix, frames, rows, cols")
 
 
@@ -107,14 +107,13 @@ def vtcd_report(cfg: VtcdReportConfig, importance, heads, curves, pruning, data,
             and metrics["square_mean_importance"] < metrics["ball_mean_importance"])),
         "curve_order": auc["most"] < auc_random < auc["least"]}
     metrics.update({f"check.{k}": float(v) for k, v in checks.items()})
-    # the curve's ends: with every concept removed, does the target class lose anything? A model whose
-    # output without evidence is the target class (it learned "left, or else right") cannot lose it,
-    # so no concept can matter: study another class
-    ends = sorted((r for r in curve_rows if r["order"] == "most"), key=lambda r: r["fraction"])
-    if ends:
-        metrics["performance.none_removed"] = ends[0]["performance"]
-        metrics["performance.all_removed"] = ends[-1]["performance"]
-        metrics["target_is_default"] = float(ends[-1]["performance"] >= ends[0]["performance"] - cfg.default_margin)
+    # does any removal matter? A model whose output without evidence is the target class (it learned
+    # "left, or else right") loses nothing when concepts go, so no concept can rank: study another class
+    most = sorted((r for r in curve_rows if r["order"] == "most"), key=lambda r: r["fraction"])
+    if most:
+        metrics["performance.none_removed"] = most[0]["performance"]
+        metrics["performance.lowest"] = min(r["performance"] for r in most)
+        metrics["removal_flat"] = float(metrics["performance.lowest"] >= most[0]["performance"] - cfg.flat_margin)
     metrics["ground_truth_ok"] = float(all(checks.values()))
     prune_rows = (pruning.to_table() if hasattr(pruning, "to_table") else pruning).to_pylist()
     for r in prune_rows:
