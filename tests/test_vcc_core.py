@@ -80,6 +80,18 @@ def test_tcav_scores_and_itcav_edges_on_a_hand_built_case():
     assert edges[("Lx", "U1")]["significant"] is False
     # the null holds every random CAV in both orientations, so its mean is 1/2 whatever the gradients
     assert all(r["random_score"] == pytest.approx(0.5) for r in edges.values())
+    assert all(r["p_adjusted"] == r["p"] for r in edges.values())           # no correction by default
+    holm = cav.itcav_edges(cav.EdgeConfig(correction="holm"), [grads[:3], grads[3:]],
+                           [np.array([0, 0, 0]), np.array([1, 1])], cavs, upper)["edges"].to_pylist()
+    assert all(r["p_adjusted"] >= r["p"] for r in holm) and any(r["p_adjusted"] > r["p"] for r in holm)
+
+
+def test_holm_and_bonferroni_adjust_p_values_tested_together():
+    p = [0.01, 0.04, 0.03, 0.005]
+    np.testing.assert_allclose(cav.adjusted_p(p, "holm"), [0.03, 0.06, 0.06, 0.02])      # step-down, monotone
+    np.testing.assert_allclose(cav.adjusted_p(p, "bonferroni"), [0.04, 0.16, 0.12, 0.02])
+    np.testing.assert_allclose(cav.adjusted_p(p, "none"), p)
+    assert cav.adjusted_p([0.5, 0.9], "bonferroni").max() == 1.0
 
 
 def test_t_test_keeps_edges_above_random_only():
@@ -162,6 +174,7 @@ def test_planted_links_and_the_ground_truth_report():
     # the hierarchy says nothing of a -> e (into background): beside the precision, not in it
     assert m["background_edges_significant"] == 1 and m["edge_precision_with_background"] == pytest.approx(3 / 5)
     assert m["check.part_to_whole_found"] == 1.0           # a (roof) -> c (house), the one candidate, is significant
+    assert m["check.class_reached"] == 1.0                 # c (house) -> class.house
     assert m["texture_paths_to_class"] == 1 and m["check.textures_do_not_reach_class"] == 0.0   # b -> c -> house
     assert m["ground_truth_ok"] == 0.0
     figure = connectome.draw(g, [0, 1])

@@ -5,10 +5,13 @@ random set. VCC's random sets are random draws from all of the layer's segment i
 points at what sets the concept apart from other segments, not at "being a masked crop"); random
 CAVs separate one random set from another. Every CAV is fitted ``repeats`` times against different
 random sets; an edge's score is computed once per repeat, and the edge is kept when its scores
-exceed those of random CAVs by a one-sided Welch t-test (p <= alpha).
+exceed those of random CAVs by a one-sided Welch t-test (p <= alpha; optionally Holm- or
+Bonferroni-corrected over the edges that one node tests).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -123,7 +126,13 @@ class EdgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(0.05, gt=0, lt=1, description="an edge is kept when the one-sided t-test of its "
-                                                       "scores against random CAVs' gives p <= alpha")
+                                                       "scores against random CAVs' gives p <= alpha (after "
+                                                       "the correction)")
+    correction: Literal["none", "holm", "bonferroni"] = Field("none", description=(
+        "multiple-comparison correction over the edges one node tests (one layer pair, or the class edges): "
+        "none (the paper's plain p <= alpha: of ~36 edges a pair, about 2 pass by chance alone), holm "
+        "(family-wise error <= alpha; on the embedded study it also removes the weak class edges, README) "
+        "or bonferroni"))
     lower: int = Field(0, description="the lower block (set by the workflow)")
     upper: int = Field(1, description="the upper block, or -1 for the class (set by the workflow)")
     classes: list[str] = Field(default_factory=list, description="class names, for the class edges (set by "
@@ -139,6 +148,21 @@ def itcav_edges(cfg: EdgeConfig, grads, concept, cavs, upper) -> dict:
     grads, target = concat(grads), concat(concept)
     upper_names = [r["concept"] for r in upper["concepts"].to_pylist() if r["kept"]]
     return _edges(cfg, grads, target, upper_names, cavs)
+
+
+def adjusted_p(p, correction: str) -> np.ndarray:
+    """p values adjusted for testing them together: Holm's step-down (each p times the number of
+    hypotheses not yet rejected, made monotone), Bonferroni (times their number), or none; capped at 1."""
+    p = np.asarray(p, dtype=float)
+    n = len(p)
+    if correction == "none" or n == 0:
+        return p
+    if correction == "bonferroni":
+        return np.minimum(p * n, 1.0)
+    order = np.argsort(p, kind="stable")
+    out = np.empty(n)
+    out[order] = np.minimum(np.maximum.accumulate(p[order] * (n - np.arange(n))), 1.0)
+    return out
 
 
 def _both_orientations(random_cavs: np.ndarray) -> np.ndarray:
@@ -158,10 +182,13 @@ def _edges(cfg: EdgeConfig, grads, target, upper_names, cavs) -> dict:
         for li, lname in enumerate(lower_names):
             test = edge_test(tcav_scores(g, cavs["cavs"][li]), random, cfg.alpha)
             rows.append({"source": lname, "target": uname, "examples": int(len(g)), **test})
+    adjusted = adjusted_p([r["p"] for r in rows], cfg.correction)
+    for row, p in zip(rows, adjusted):
+        row["p_adjusted"], row["significant"] = float(p), bool(p <= cfg.alpha)
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("source", pa.string()), ("target", pa.string()), ("examples", pa.int64()), ("score", pa.float64()),
         ("score_std", pa.float64()), ("random_score", pa.float64()), ("p", pa.float64()),
-        ("significant", pa.bool_())]))
+        ("p_adjusted", pa.float64()), ("significant", pa.bool_())]))
     return {"edges": table, "metrics": {"edges": float(len(rows)),
                                         "significant": float(sum(r["significant"] for r in rows))}}
 

@@ -304,7 +304,10 @@ def ground_truth(cfg: GroundTruthConfig, connectome) -> dict:
               "check.textures_do_not_reach_class": bool(textures) and not reach,
               # every part -> whole link the concepts allow is significant
               "check.part_to_whole_found": 0 < metrics["part_to_whole.candidates"] == metrics["part_to_whole.found"],
-              "check.parts_discovered": len(labels_found & set(PART_OF)) >= 2}
+              "check.parts_discovered": len(labels_found & set(PART_OF)) >= 2,
+              # and the connectome reaches a class along a planted link (else "no texture reaches a class"
+              # would hold for want of any class edge)
+              "check.class_reached": metrics["to_class.found"] > 0}
     metrics.update({k: float(v) for k, v in checks.items()})
     metrics["ground_truth_ok"] = float(all(checks.values()))
     metrics["labels_found"] = float(len(labels_found & (set(PART_OF) | set(WHOLES) | {"texture"})))
