@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.concepts.vcc_images import CLASSES, PART_OF, WHOLES
 
+OBJECTS = frozenset(PART_OF) | frozenset(WHOLES)       # labels of parts and wholes
+DECIDED = OBJECTS | {"texture"}                        # concept labels the planted hierarchy speaks about
+
 LABEL_COLOURS = {"roof": "#d62728", "wall": "#e6c229", "house": "#ff7f0e", "wheel": "#444444", "body": "#1f5fd6",
                  "cart": "#17becf", "texture": "#2ca02c", "background": "#bbbbbb", "unlabelled": "#ffffff"}
 
@@ -235,10 +238,9 @@ def planted(source_label: str, target_label: str) -> bool:
     """Is (source concept -> target concept or class) a planted link? Part -> the whole it belongs to;
     part, whole or texture -> the same one layer up (a texture may persist through the blocks; it must
     not reach a class); part or whole -> its class. Background and unlabelled concepts have none."""
-    objects = set(PART_OF) | set(WHOLES)
     if source_label == "texture":
         return target_label == "texture"
-    if source_label not in objects:
+    if source_label not in OBJECTS:
         return False
     if target_label.startswith("class."):
         cls = target_label[len("class."):]
@@ -252,7 +254,7 @@ def decided(label: str) -> bool:
     take in the objects' border patches, and a ViT's background tokens carry image-level information
     through attention, so its edges to and from objects are the model's, neither planted nor forbidden.
     Unlabelled concepts: no."""
-    return label.startswith("class.") or label in set(PART_OF) | set(WHOLES) | {"texture"}
+    return label.startswith("class.") or label in DECIDED
 
 
 def ground_truth(cfg: GroundTruthConfig, connectome) -> dict:
@@ -310,7 +312,7 @@ def ground_truth(cfg: GroundTruthConfig, connectome) -> dict:
               "check.class_reached": metrics["to_class.found"] > 0}
     metrics.update({k: float(v) for k, v in checks.items()})
     metrics["ground_truth_ok"] = float(all(checks.values()))
-    metrics["labels_found"] = float(len(labels_found & (set(PART_OF) | set(WHOLES) | {"texture"})))
+    metrics["labels_found"] = float(len(labels_found & DECIDED))
     table = pa.Table.from_pylist([{"source": e["source"], "target": e["target"], "source_label": label[e["source"]],
                                    "target_label": target_label(e["target"]), "score": e["score"], "p": e["p"],
                                    "significant": e["significant"], "planted": e["planted"], "decided": e["decided"]}
