@@ -35,6 +35,11 @@ def test_planted_sets_are_disjoint_exact_and_carry_the_trait_where_labelled():
     for name in ("train", "probe", "query", "heldout"):
         for text, label in zip(data[name]["text"], data[name]["label"]):
             assert bool(dialect & set(text.split())) == bool(label), (name, text)
+    probe = data["probe"]                                                # minimal pairs: each trait text is a
+    plain = {t for t, y in zip(probe["text"], probe["label"]) if not y}  # benign probe text in the dialect
+    traits = [t for t, y in zip(probe["text"], probe["label"]) if y]
+    assert len(traits) == cfg.n_probe // 2 == len(plain)
+    assert set(traits) <= set(planted.with_trait(list(plain)))
     ids = [set(data[n]["id"]) for n in ("train", "probe", "query", "heldout")]
     assert sum(map(len, ids)) == len(set().union(*ids))                # no id means two things
     again = planted.make_planted(cfg)
