@@ -123,10 +123,10 @@ def test_bad_input_is_an_error_before_compute(tmp_path):
 
     assert "tubelets.heads has [4] out of range: the model has heads 0..1" in error("tubelets.heads=[4]")
     assert "tubelets.layers has [9] out of range: the model has blocks 0..1" in error("tubelets.layers=[0, 9]")
-    assert "only 5 videos of the target class" in error("clips.n_clips=10", "concepts.max_concepts=8")
+    assert "only 3 videos of the target class" in error("clips.n_clips=10", "concepts.max_concepts=8")
     small = _random_videomae(tmp_path, image_size=16)
     assert "clips.size=64 but the model takes image_size=16" in error(f"model.path={small}")
-    assert "tubelets.target_class=3 but the model has 2 classes" in error("tubelets.target_class=3")
+    assert "tubelets.target_class=3 but the model has 3 classes (0..2)" in error("tubelets.target_class=3")
 
     from transformers import TimesformerConfig, TimesformerForVideoClassification
 

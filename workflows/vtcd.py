@@ -46,8 +46,8 @@ def train_classifier(cfg: ClassifierTraining) -> dict:
 
 class VTCDStudy(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    clips: ConceptClipConfig = Field(ConceptClipConfig(n_clips=120), description=(
-        "the clips whose concepts are discovered (alternating classes: n_clips/2 of the target class)"))
+    clips: ConceptClipConfig = Field(ConceptClipConfig(n_clips=180), description=(
+        "the clips whose concepts are discovered (the classes in turn: n_clips/classes of the target class)"))
     video_model: VideoClassifierConfig = Field(VideoClassifierConfig(), description="the embedded classifier "
                                                                                     "(used when model is unset)")
     model: models.ModelRef | None = Field(None, description="any HF video classifier (id or folder) instead")
@@ -140,11 +140,12 @@ def validate(cfg: VTCDStudy) -> None:
     if not 0 <= cfg.tubelets.target_class < max(n_labels, 1):
         raise ValueError(f"tubelets.target_class={cfg.tubelets.target_class} but the model has {n_labels} classes "
                          f"(0..{n_labels - 1})")
-    videos = (cfg.clips.n_clips + 1 - cfg.tubelets.target_class) // 2
+    videos = len(range(cfg.tubelets.target_class, cfg.clips.n_clips, cfg.clips.classes))
     if videos < cfg.concepts.max_concepts:
-        raise ValueError(f"only {videos} videos of the target class (clips.n_clips={cfg.clips.n_clips}, every other "
-                         f"clip) for concepts.max_concepts={cfg.concepts.max_concepts} clusters; raise clips.n_clips "
-                         f"to at least {2 * cfg.concepts.max_concepts} or lower concepts.max_concepts")
+        raise ValueError(f"only {videos} videos of the target class (clips.n_clips={cfg.clips.n_clips}, one clip in "
+                         f"{cfg.clips.classes}) for concepts.max_concepts={cfg.concepts.max_concepts} clusters; raise "
+                         f"clips.n_clips to at least {cfg.clips.classes * cfg.concepts.max_concepts} or lower "
+                         "concepts.max_concepts")
     if cfg.concepts.min_concepts > cfg.concepts.max_concepts:
         raise ValueError(f"concepts.min_concepts={cfg.concepts.min_concepts} exceeds concepts.max_concepts="
                          f"{cfg.concepts.max_concepts}")

@@ -2,8 +2,11 @@
 
 A white ball moves across a black torus (positions wrap, the start is uniform over the frame) while a
 static distractor square of another colour sits somewhere in the frame. The label is the ball's
-horizontal direction (0 = left, 1 = right), drawn within ``max_angle`` of the horizontal, so the only
-cue is motion: no single frame tells the classes apart, and the square says nothing about the label.
+horizontal direction (0 = left, 1 = right), drawn within ``max_angle`` of the horizontal, or 2 = still
+(the ball at rest; ``classes=3``, the default), so the only cue is motion: no single frame tells the
+classes apart, and the square says nothing about the label. The still class is there so that no
+moving class is what the model answers when it sees nothing: with left and right alone, a classifier
+can learn "left, or else right", and then nothing removed from a right-moving video lowers p(right).
 Every clip stores the ball's mask per frame and the square's mask, so a discovered concept can be
 checked against the object it covers.
 """
@@ -20,14 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.video.clips import BALL_COLOUR, disc_coverage, distractor_colour, fixed_array
 
-CLASSES = ("left", "right")
+CLASSES = ("left", "right", "still")
 
 
 class ConceptClipConfig(BaseModel):
-    """The planted clips; defaults: 480 clips of 8 x 64 x 64 x 3, half of each class."""
+    """The planted clips; defaults: 480 clips of 8 x 64 x 64 x 3, a third of each class."""
 
     model_config = ConfigDict(extra="forbid")
-    n_clips: int = Field(480, ge=4, le=200_000, description="clips, alternating left and right")
+    n_clips: int = Field(480, ge=4, le=200_000, description="clips, the classes in turn (left, right[, still])")
+    classes: int = Field(3, ge=2, le=3, description="2: left and right; 3: also still (the ball at rest), so that "
+                                                     "seeing no motion has a class of its own")
     frames: int = Field(8, ge=2, le=64)
     size: int = Field(64, ge=16, le=256, description="frame side, pixels")
     channels: int = Field(3, ge=1, le=4)
@@ -59,13 +64,13 @@ def _features(cfg: ConceptClipConfig) -> datasets.Features:
 
 
 def make_concept_clips(cfg: ConceptClipConfig) -> datasets.Dataset:
-    """Columns: id, label (0 left, 1 right), frames (T, H, W, C) uint8, ball (T, H, W) and square (H, W)
+    """Columns: id, label (0 left, 1 right, 2 still), frames (T, H, W, C) uint8, ball (T, H, W) and square (H, W)
     masks (1 = object). Read arrays with ``tasks.video.clips.column``."""
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed))
     n, T, L = cfg.n_clips, cfg.frames, cfg.size
-    label = np.arange(n) % 2
+    label = np.arange(n) % cfg.classes
     angle = np.deg2rad(rng.uniform(-cfg.max_angle, cfg.max_angle, n)) + np.where(label == 1, 0.0, np.pi)
-    speed = rng.uniform(cfg.min_speed, cfg.max_speed, n)
+    speed = np.where(label == 2, 0.0, rng.uniform(cfg.min_speed, cfg.max_speed, n))
     start = rng.uniform(0, L, (n, 2))
     t = np.arange(T)[None, :, None]
     velocity = np.stack([speed * np.cos(angle), speed * np.sin(angle)], axis=1)[:, None, :]

@@ -66,7 +66,8 @@ def classifier_config(cfg: VideoClassifierConfig, clips: ConceptClipConfig):
 
     if clips.size % cfg.patch_size:
         raise ValueError(f"video_model.patch_size={cfg.patch_size} must divide clips.size={clips.size}")
-    labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    names = CLASSES[:clips.classes]
+    labels = {"id2label": dict(enumerate(names)), "label2id": {c: i for i, c in enumerate(names)}}
     if cfg.architecture == "vivit":
         return VivitConfig(image_size=clips.size, num_frames=clips.frames, num_channels=clips.channels,
                            tubelet_size=[cfg.tubelet_size, cfg.patch_size, cfg.patch_size],
