@@ -41,7 +41,7 @@ def build(tmp: str, videos: int):
     from interpflow.tasks.video.layout import token_grid
     from transformers import AutoModelForVideoClassification
 
-    clips = ConceptClipConfig(n_clips=2 * videos)
+    clips = ConceptClipConfig(n_clips=3 * videos)              # left, right, still: a third are target videos
     # 4 blocks x 4 heads (the embedded study uses 2 x 2): 16 clustering jobs and 4x the concepts to mask
     config = classifier_config(VideoClassifierConfig(layers=4, heads=4), clips)
     torch.manual_seed(0)
