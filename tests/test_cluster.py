@@ -28,10 +28,14 @@ def test_worker_node_removed_mid_run_loses_and_duplicates_no_row(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    doomed = cluster.add_node(num_cpus=1)
-    cluster.add_node(num_cpus=1)
     try:
+        # the driver attaches before the workers exist: all nodes share one IP, and a driver that attached
+        # to the doomed node's raylet died with it (SystemExit in ray.wait), a flake of the test, not the runner
         ray.init(address=cluster.address, logging_level="WARNING")
+        assert ray.get_runtime_context().get_node_id() == cluster.head_node.node_id
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
         settings = RunSettings(store=str(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                progress=False, max_retries=3)
         result = {}
