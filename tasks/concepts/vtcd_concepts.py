@@ -5,7 +5,10 @@ mean features: k-means with the elbow rule over k in [min_concepts, max_concepts
 convex NMF at the elbow's k. A concept is a cluster; it keeps its member tubelets (their token masks,
 per video), its spread (the share of the videos it appears in) and the mean silhouette of its members.
 On planted clips each concept is also scored against the objects it may cover (token IoU with the
-ball and with the distractor square), which is what the ground-truth checks read.
+ball and with the distractor square), which is what the ground-truth checks read. The IoU is taken in
+the token frames the concept occupies in each video: VTCD's concepts may be local in time (the ball
+early in the clip, the ball late), and a tubelet that is exactly the ball in its two token frames is a
+ball concept, not a third of one (the IoU over all frames is kept beside it, ``<object>_iou_all_frames``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def _token_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+def frame_local_iou(mask: np.ndarray, obj: np.ndarray, frame_of: np.ndarray) -> float:
+    """Token IoU of ``mask`` with ``obj`` restricted to the token frames that ``mask`` occupies."""
+    return _token_iou(mask, obj & np.isin(frame_of, np.unique(frame_of[mask])))
+
+
 def discover_concepts(cfg: ConceptConfig, tubelets, data) -> dict:
     """Graph node: the concepts of one (layer, head): ``members`` (concept, video, tokens) and ``concepts``
     (one row per concept: spread, silhouette, object IoUs)."""
@@ -64,6 +72,7 @@ def discover_concepts(cfg: ConceptConfig, tubelets, data) -> dict:
     if len(cfg.grid) != 4:
         raise ValueError("concepts.grid must be set (prefix, frames, rows, cols of the token grid)")
     grid = TokenGrid(*cfg.grid)
+    frame_of = grid.frame_of()
     rows = data.select(rows_of(data, np.unique(videos)))
     objects = {name: dict(zip(np.unique(videos).tolist(), object_tokens(column(rows, name), grid)))
                for name in OBJECTS if name in rows.column_names}
@@ -84,12 +93,13 @@ def discover_concepts(cfg: ConceptConfig, tubelets, data) -> dict:
                "concept": kept, "tubelets": len(idx), "videos": len(in_videos), "spread": spread,
                "silhouette": float(sil_all[idx].mean())}
         for name, per_video in objects.items():
-            ious = []
+            local, whole = [], []
             for video, toks in masks.items():
                 mask = np.zeros(grid.n_tokens, dtype=bool)
                 mask[sorted(toks)] = True
-                ious.append(_token_iou(mask, per_video[video]))
-            row[f"{name}_iou"] = float(np.mean(ious))
+                local.append(frame_local_iou(mask, per_video[video], frame_of))
+                whole.append(_token_iou(mask, per_video[video]))
+            row[f"{name}_iou"], row[f"{name}_iou_all_frames"] = float(np.mean(local)), float(np.mean(whole))
         concept_rows.append(row)
         for video, toks in masks.items():
             member_rows.append({"concept_id": row["concept_id"], "video": video, "tokens": sorted(toks)})

@@ -196,7 +196,8 @@ def _tubelets_figure(plt, top: list[dict], data, members: dict, examples: int, g
             mask = np.zeros(grid.n_tokens, dtype=bool)
             mask[shown[j]["tokens"]] = True
             ax.imshow(frames[len(frames) // 2])
-            ax.imshow(_token_overlay(mask, grid, frames.shape[1]), alpha=0.45, cmap="cool", vmin=0, vmax=1)
+            share = _token_overlay(mask, grid, frames.shape[1])       # untouched patches stay as they are
+            ax.imshow(np.ma.masked_equal(share, 0), alpha=0.5, cmap="autumn_r", vmin=0, vmax=1)
             ax.set_title(f"{concept['concept_id']} (rank {concept['rank']})\nvideo {video}", fontsize=7)
     fig.suptitle("most important concepts: their tokens over the middle frame (all token frames merged)", fontsize=8)
     fig.tight_layout()
