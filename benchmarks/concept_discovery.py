@@ -1,7 +1,7 @@
 """VTCD's heavy parts (issue #10), measured: CRIS masked forward passes and the per-(layer, head) clustering.
 
-Prints, on the planted clips and a 4-block x 4-head ViViT classifier (random weights: speed does not depend
-on what the weights learned):
+Prints, on the planted clips and a 4-block x 4-head ViViT classifier (16-px patches, as the embedded
+default; random weights: speed does not depend on what the weights learned):
 - masked videos/s of CRIS (one masked video = one video through the model under one draw's masks):
   a plain loop with one mask per pass (one video under one draw per forward: the baseline), one draw per pass
   (all videos of the draw batched, each with its own masks), and `cris.cris_shard` (the function the
