@@ -92,13 +92,10 @@ def discover_concepts(cfg: ConceptConfig, tubelets, data) -> dict:
         row = {"concept_id": concept_id(cfg.layer, cfg.head, kept), "layer": cfg.layer, "head": cfg.head,
                "concept": kept, "tubelets": len(idx), "videos": len(in_videos), "spread": spread,
                "silhouette": float(sil_all[idx].mean())}
+        bool_masks = {video: np.isin(np.arange(grid.n_tokens), list(toks)) for video, toks in masks.items()}
         for name, per_video in objects.items():
-            local, whole = [], []
-            for video, toks in masks.items():
-                mask = np.zeros(grid.n_tokens, dtype=bool)
-                mask[sorted(toks)] = True
-                local.append(frame_local_iou(mask, per_video[video], frame_of))
-                whole.append(_token_iou(mask, per_video[video]))
+            local = [frame_local_iou(mask, per_video[video], frame_of) for video, mask in bool_masks.items()]
+            whole = [_token_iou(mask, per_video[video]) for video, mask in bool_masks.items()]
             row[f"{name}_iou"], row[f"{name}_iou_all_frames"] = float(np.mean(local)), float(np.mean(whole))
         concept_rows.append(row)
         for video, toks in masks.items():
