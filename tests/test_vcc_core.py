@@ -72,8 +72,8 @@ def test_tcav_scores_and_itcav_edges_on_a_hand_built_case():
     along_y = np.tile([0.0, 1.0], (repeats, 1)) + rng.normal(0, 0.05, (repeats, 2))
     cavs = {"cavs": np.stack([along_x, along_y]), "random_cavs": rng.normal(0, 1, (repeats, 2)),
             "names": {"concepts": ["Lx", "Ly"]}}
-    out = cav.itcav_edges(cav.EdgeConfig(), [grads[:3], grads[3:]], [np.array([0, 0, 0]), np.array([1, 1])],
-                          cavs, upper)
+    out = cav.itcav_edges(cav.EdgeConfig(within=False), [grads[:3], grads[3:]],
+                          [np.array([0, 0, 0]), np.array([1, 1])], cavs, upper)
     edges = {(r["source"], r["target"]): r for r in out["edges"].to_pylist()}
     assert edges[("Lx", "U0")]["score"] == 1.0 and edges[("Lx", "U1")]["score"] == 0.0
     assert edges[("Ly", "U1")]["score"] == 1.0
@@ -81,7 +81,7 @@ def test_tcav_scores_and_itcav_edges_on_a_hand_built_case():
     # the null holds every random CAV in both orientations, so its mean is 1/2 whatever the gradients
     assert all(r["random_score"] == pytest.approx(0.5) for r in edges.values())
     assert all(r["p_adjusted"] == r["p"] for r in edges.values())           # no correction by default
-    holm = cav.itcav_edges(cav.EdgeConfig(correction="holm"), [grads[:3], grads[3:]],
+    holm = cav.itcav_edges(cav.EdgeConfig(correction="holm", within=False), [grads[:3], grads[3:]],
                            [np.array([0, 0, 0]), np.array([1, 1])], cavs, upper)["edges"].to_pylist()
     assert all(r["p_adjusted"] >= r["p"] for r in holm) and any(r["p_adjusted"] > r["p"] for r in holm)
 
@@ -179,3 +179,121 @@ def test_planted_links_and_the_ground_truth_report():
     assert m["ground_truth_ok"] == 0.0
     figure = connectome.draw(g, [0, 1])
     assert figure.axes
+
+
+def test_itcav_within_tests_an_edge_only_on_the_upper_segments_that_contain_the_lower_concept():
+    # upper concept U0 owns upper segments 0-5; lower concept "in" lies inside all of them, "out" in none,
+    # yet both CAVs align with every gradient: only "in" -> U0 is an edge (a part must lie in its whole)
+    repeats = 6
+    rng = np.random.default_rng(1)
+    grads = np.tile([1.0, 1.0], (6, 1)) + rng.normal(0, 0.05, (6, 2))
+    cavs = {"cavs": np.stack([np.tile([1.0, 0.0], (repeats, 1)), np.tile([0.0, 1.0], (repeats, 1))])
+            + rng.normal(0, 0.05, (2, repeats, 2)), "random_cavs": rng.normal(0, 1, (repeats, 2)),
+            "names": {"concepts": ["in", "out"]}}
+    upper = {"concepts": pa.Table.from_pylist([{"concept": "U0", "kept": True}])}
+    # lower segments: 0-5 are children of upper segments 0-5 ("in"); 6-8 children of upper segment 9 ("out")
+    lower_segments = {"segments": pa.table({"segment": np.arange(9), "parent": [0, 1, 2, 3, 4, 5, 9, 9, 9]})}
+    lower_concepts = {"assignments": pa.table({"segment": np.arange(9), "concept": ["in"] * 6 + ["out"] * 3})}
+    args = ([grads], [np.zeros(6, np.int64)], cavs, upper)
+    within = cav.itcav_edges(cav.EdgeConfig(), *args, segment=[np.arange(6)], lower_segments=lower_segments,
+                             lower_concepts=lower_concepts)["edges"].to_pylist()
+    edges = {r["source"]: r for r in within}
+    assert edges["in"]["significant"] and edges["in"]["examples"] == 6 and edges["in"]["test"] == "itcav"
+    assert not edges["out"]["significant"] and edges["out"]["examples"] == 0 and edges["out"]["p"] == 1.0
+    every = {r["source"]: r for r in cav.itcav_edges(cav.EdgeConfig(within=False), *args)["edges"].to_pylist()}
+    assert every["out"]["significant"]                                  # the paper's form keeps it
+    with pytest.raises(ValueError, match="within"):
+        cav.itcav_edges(cav.EdgeConfig(), *args)
+
+
+def test_shifted_masks_keep_the_shape_and_size_elsewhere():
+    from interpflow.tasks.concepts.vcc_ablation import shifted_masks
+
+    mask = np.zeros((6, 6), bool)
+    mask[1:3, 1:4] = True
+    for shifted in shifted_masks(mask, 5, np.random.default_rng(0)):
+        assert shifted.sum() == mask.sum() and not (shifted & mask).any()
+    full = np.ones((3, 3), bool)
+    full[0, 0] = False                           # no free place: the least overlapping shifts
+    assert all(s.sum() == 8 for s in shifted_masks(full, 2, np.random.default_rng(0)))
+
+
+def test_class_ablations_measure_the_own_class_logit_drop_against_shifted_masks(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from interpflow.tasks.concepts.vcc_ablation import AblationConfig, class_ablations
+    from interpflow.tasks.models import LoadedModel
+    from interpflow.tasks.sites import SiteMap
+
+    torch.manual_seed(0)
+    net = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=2)).eval()
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    loaded = LoadedModel(net, None, "cpu", SiteMap(net), str(tmp_path))
+    rng = np.random.default_rng(0)
+    images = {"images": rng.integers(0, 255, (2, 16, 16, 3)).astype(np.uint8), "labels": np.array([0, 1])}
+    masks = np.zeros((2, 4, 4), np.uint8)
+    masks[0, :2, :2] = 1
+    masks[1, 2:, 1:3] = 1
+    segments = {"masks": masks, "segments": pa.table({"segment": [0, 1], "image": [0, 1]})}
+    concepts = {"assignments": pa.table({"segment": [0, 1], "image": [0, 1], "concept": ["A", "B"]})}
+    out = class_ablations(AblationConfig(null_draws=3), SimpleNamespace(ids=[0, 1]), loaded, images, segments,
+                          concepts)["drops"].to_pylist()
+    assert [(r["image"], r["concept"], r["label"]) for r in out] == [(0, "A", 0), (1, "B", 1)]
+
+    def centred(x):
+        with torch.no_grad():
+            lg = net(pixel_values=torch.from_numpy(vi.pixel_values(x, [0.5] * 3, [0.5] * 3))).logits
+        return (lg - lg.mean(-1, keepdim=True)).numpy()
+
+    filled = images["images"][1].copy()
+    filled[vs.pixel_mask(masks[1].astype(bool), 16)] = vs.mean_colour(images["images"])
+    expected = centred(images["images"][1:2])[0, 1] - centred(filled[None])[0, 1]
+    assert out[1]["drop"] == pytest.approx(float(expected), abs=1e-4)
+    assert out[1]["null_drop"] != pytest.approx(out[1]["drop"])
+
+
+def test_class_edges_by_ablation_keep_a_used_concept_and_drop_an_unused_one():
+    from interpflow.tasks.concepts.vcc_ablation import ABLATION_SCHEMA
+
+    rng = np.random.default_rng(0)
+    repeats, n = 4, 20
+    ids, labels = np.arange(2 * n), np.repeat([0, 1], n)
+    # TCAV: both CAVs align with every class gradient (the "unused" texture looks significant to TCAV)
+    class_grads = np.tile([1.0, 1.0], (2 * n, 2, 1)) + rng.normal(0, 0.05, (2 * n, 2, 2))
+    cavs = {"cavs": np.stack([np.tile([1.0, 0.2], (repeats, 1)), np.tile([0.2, 1.0], (repeats, 1))]),
+            "random_cavs": rng.normal(0, 1, (repeats, 2)), "names": {"concepts": ["roofish", "texture"]}}
+    rows = []
+    for i in range(n):    # house images (centred logit 6): the roof costs ~1 logit, the texture a consistent 0.003
+        rows.append({"image": i, "label": 0, "concept": "roofish", "logit": 6.0, "drop": 1.0 + rng.normal(0, 0.2),
+                     "null_drop": rng.normal(0, 0.05)})
+        rows.append({"image": i, "label": 0, "concept": "texture", "logit": 6.0, "drop": 0.003 + rng.normal(0, 5e-4),
+                     "null_drop": rng.normal(0, 5e-4)})
+    drops = pa.Table.from_pylist(rows, schema=ABLATION_SCHEMA)
+    images = {"labels": labels}
+
+    def edges(test):
+        cfg = cav.EdgeConfig(lower=2, upper=-1, classes=["house", "cart"], class_test=test)
+        out = cav.class_edges(cfg, [ids], [class_grads], images, cavs, ablations=drops)["edges"].to_pylist()
+        return {(r["source"], r["target"]): r for r in out}
+
+    tcav = edges("tcav")
+    assert tcav[("texture", "class.house")]["significant"] and tcav[("roofish", "class.house")]["significant"]
+    used = edges("ablation")
+    assert used[("roofish", "class.house")]["significant"] and used[("roofish", "class.house")]["effect"] > 0.8
+    # a t-test alone would keep the texture's consistent nudge; it is under min_effect x the class logit
+    assert used[("texture", "class.house")]["effect_p"] < 1e-6 and not used[("texture", "class.house")]["significant"]
+    nudge = cav.class_edges(cav.EdgeConfig(classes=["house", "cart"], min_effect=0), [ids], [class_grads], images,
+                            cavs, ablations=drops)["edges"].to_pylist()
+    assert [r["significant"] for r in nudge if r["source"] == "texture" and r["target"] == "class.house"] == [True]
+    assert not used[("roofish", "class.cart")]["significant"]            # no cart image holds it: untested
+    assert used[("roofish", "class.cart")]["examples"] == 0
+    assert used[("texture", "class.house")]["tcav_p"] == tcav[("texture", "class.house")]["p"]   # still reported
+    both = edges("both")
+    assert both[("roofish", "class.house")]["p"] == max(used[("roofish", "class.house")]["effect_p"],
+                                                        tcav[("roofish", "class.house")]["tcav_p"])
+    with pytest.raises(ValueError, match="class_test"):
+        cav.class_edges(cav.EdgeConfig(classes=["house", "cart"]), [ids], [class_grads], images, cavs)

@@ -51,7 +51,11 @@ def test_cli_run_writes_the_connectome_and_a_new_alpha_reruns_only_the_edges(tmp
     assert handle.outputs("connectome", "figure").endswith(".png")
     assert handle.outputs("failures", "figure").endswith(".png")
     edges = handle.table("connectome", "edges").to_pylist()
-    assert edges and all(0 <= e["p"] <= 1 and (e["p"] <= 0.05) == e["significant"] for e in edges)
+    assert edges and all(0 <= e["p"] <= 1 and e["p_adjusted"] >= e["p"] for e in edges)
+    # significant: the deciding p passes (and, for an ablation class edge, the effect is large enough)
+    assert all((e["p"] <= 0.05) == e["significant"] for e in edges if e["test"] == "itcav")
+    assert all(e["p"] <= 0.05 for e in edges if e["significant"])
+    assert {e["test"] for e in edges if e["target"].startswith("class.")} == {"ablation"}
     report = handle.metrics("ground_truth")
     assert {"ground_truth_ok", "edge_precision", "edge_recall", "texture_paths_to_class",
             "check.textures_do_not_reach_class"} <= set(report)
@@ -62,7 +66,7 @@ def test_cli_run_writes_the_connectome_and_a_new_alpha_reruns_only_the_edges(tmp
     (latest,) = [p for p in store.glob("runs/*/record.json") if p != record_path]
     nodes = json.loads(latest.read_text())["nodes"]
     ran = {name for name, n in nodes.items() if n["status"] == "ran"}
-    assert ran == {"edges.0-1", "edges.class", "connectome", "failures", "ground_truth"}
+    assert ran == {"edges.0-1", "edges.class", "connectome", "failures", "ground_truth"}   # not the ablations
 
 
 @pytest.mark.e2e
@@ -79,9 +83,9 @@ def test_a_random_vit_classifier_folder_runs_end_to_end(tmp_path, settings):
     handle = interpflow.run(spec, ["failures.fallback=2"], settings=settings)
     assert handle.ok
     assert "classifier" not in handle.nodes() and "model" in handle.nodes()
-    # the actor steps are one sharded node each (three actor pools), whatever the number of layers
-    assert {"tokens", "segment_activations", "gradients"} <= set(handle.nodes())
-    assert not any(n.startswith(("segment_activations.", "gradients.")) for n in handle.nodes())
+    # the actor steps are one sharded node each (four actor pools), whatever the number of layers
+    assert {"tokens", "segment_activations", "gradients", "ablation"} <= set(handle.nodes())
+    assert not any(n.startswith(("segment_activations.", "gradients.", "ablation.")) for n in handle.nodes())
     assert handle.metrics("ground_truth")["ground_truth_ok"] in (0.0, 1.0)
     assert handle.outputs("connectome", "figure").endswith(".png")
 

@@ -7,9 +7,9 @@ Methods, as the graph runs them:
  2. Model: the embedded tiny ViT classifier trained on fresh images of the same kind, or any HF image
     classifier by id/path.
  3. Tokens (sharded over images, on model actors): every analysed layer's patch tokens, the logits,
-    and d(class logit)/d(top layer) for the class edges. The three actor steps (tokens, segment
-    activations of all layers, gradients of all layer pairs) are one sharded node each, so a run starts
-    three actor pools whatever the number of layers.
+    and d(class logit)/d(top layer) for the class edges. The four actor steps (tokens, segment
+    activations of all layers, gradients of all layer pairs, class ablations) are one sharded node each,
+    so a run starts four actor pools whatever the number of layers.
  4. Segmentation, top down, one node per layer: k-means on the top layer's tokens per image, SLIC on
     each lower layer's tokens inside its parent segments.
  5. Segment images (crop, mean fill, resize) of every layer through the model (one sharded node over
@@ -17,7 +17,10 @@ Methods, as the graph runs them:
     and frequency filters), CAVs against random segment sets.
  6. Per adjacent layer pair: gradients of each upper concept's assignment with respect to the lower
     layer (one sharded node over (upper layer, segment) ids for all pairs, on actors), then ITCAV edges
-    t-tested against random CAVs; TCAV edges from the top layer to the classes.
+    t-tested against random CAVs over the upper segments that contain the lower concept (``edges.within``).
+    Class edges from the top layer: TCAV scores, and (default ``edges.class_test=ablation``) a causal
+    test: each top concept's pixels mean-filled in the images that hold it (sharded over images, on
+    actors), the class logit's drop t-tested against the same mask shifted elsewhere.
  7. The connectome (GraphML, JSON, layered plot), concept paths in misclassified images, and the check
     against the planted hierarchy (edge precision/recall, textures kept from the class).
 """
@@ -29,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from interpflow.tasks import models
 from interpflow.tasks.concepts import cav as vcav
 from interpflow.tasks.concepts import connectome
+from interpflow.tasks.concepts import vcc_ablation as vablate
 from interpflow.tasks.concepts import vcc_images as vimages
 from interpflow.tasks.concepts import vcc_model
 from interpflow.tasks.concepts import vcc_segments as vseg
@@ -53,6 +57,8 @@ class VccStudy(BaseModel):
     cav: vcav.CavConfig = vcav.CavConfig()
     gradients: vseg.GradientConfig = vseg.GradientConfig()
     edges: vcav.EdgeConfig = vcav.EdgeConfig()
+    ablation: vablate.AblationConfig = Field(vablate.AblationConfig(), description=(
+        "the class edges' ablations (with edges.class_test ablation or both)"))
     failures: connectome.FailureConfig = connectome.FailureConfig()
     ground_truth: connectome.GroundTruthConfig = connectome.GroundTruthConfig()
     num_shards: int = Field(2, ge=1, description="shards of images / segments for the actor nodes")
@@ -119,12 +125,20 @@ def vcc_graph(cfg: VccStudy) -> Graph:
             pair = {"lower": lower, "upper": upper}
             edges = node(vcav.itcav_edges, cfg.edges.model_copy(update=pair), name=f"edges.{lower}-{upper}",
                          grads=grads[f"grads.{lower}-{upper}"], concept=grads[f"concept.{lower}-{upper}"],
-                         cavs=cavs[lower], upper=concepts[upper])
+                         segment=grads[f"segment.{lower}-{upper}"], cavs=cavs[lower], upper=concepts[upper],
+                         lower_segments=segments[lower], lower_concepts=concepts[lower])
             edge_tables[f"edges_{lower}_{upper}"] = edges["edges"]
-    to_class = node(vcav.class_edges, cfg.edges.model_copy(update={"lower": layers[-1], "upper": -1,
-                                                                  "classes": classes}),
+    top = layers[-1]
+    ablations = {}
+    if cfg.edges.class_test != "tcav":
+        # use, not only sensitivity: each top concept's pixels mean-filled in every image that holds it
+        ablations["ablations"] = sharded(
+            vablate.class_ablations, cfg.ablation.model_copy(update={"classes": len(classes)}), ids=vimages.image_ids,
+            num_shards=cfg.num_shards, name="ablation", actors=pool, model=model, images=images,
+            segments=segments[top], concepts=concepts[top])["drops"]
+    to_class = node(vcav.class_edges, cfg.edges.model_copy(update={"lower": top, "upper": -1, "classes": classes}),
                     name="edges.class", ids=tokens["ids"], class_grads=tokens["class_grads"], images=images,
-                    cavs=cavs[layers[-1]])
+                    cavs=cavs[top], **ablations)
     per_layer = {f"concepts_{layer}": concepts[layer] for layer in layers}
     graph = node(connectome.build_connectome, connectome.ConnectomeConfig(layers=layers, classes=classes),
                  name="connectome", class_edges=to_class["edges"], **edge_tables, **per_layer)

@@ -332,13 +332,15 @@ def concept_segment_ids(cfg: GradientConfig, **concepts) -> list[tuple[int, int]
 def concept_gradients(cfg: GradientConfig, shard, model, images, **inputs) -> dict:
     """For each segment image of an upper concept u (ids (upper, segment); inputs ``segments_<upper>``,
     ``concepts_<upper>``): d objective_u / d(the block below), summed over patch tokens (the gradients of
-    the ITCAV edges into u). Outputs ``grads.<lower>-<upper>`` and ``concept.<lower>-<upper>``."""
+    the ITCAV edges into u). Outputs ``grads.<lower>-<upper>``, ``concept.<lower>-<upper>`` (u's index) and
+    ``segment.<lower>-<upper>`` (the segment)."""
     out = {}
     for lower, upper in zip(cfg.layers, cfg.layers[1:]):
         ids = _by_layer(shard.ids, [upper])[upper]
         grads, index = _pair_gradients(cfg, lower, upper, ids, model, images, inputs[f"segments_{upper}"],
                                        inputs[f"concepts_{upper}"])
         out[f"grads.{lower}-{upper}"], out[f"concept.{lower}-{upper}"] = grads, index
+        out[f"segment.{lower}-{upper}"] = ids          # the upper segment of each row (for edges.within)
     return out
 
 
