@@ -149,7 +149,7 @@ class EdgeConfig(BaseModel):
         "ablation class edges also need the mean extra drop to reach this share of the class's mean centred "
         "logit on the intact images: a t-test alone passes any consistent nudge (on the embedded study, "
         "removing textures moved a saturated house logit by 0.0015 of ~6, p = 0.002; removing the house "
-        "concept by 0.7-2.5)"))
+        "concept by 0.7-5.3)"))
     lower: int = Field(0, description="the lower block (set by the workflow)")
     upper: int = Field(1, description="the upper block, or -1 for the class (set by the workflow)")
     classes: list[str] = Field(default_factory=list, description="class names, for the class edges (set by "
@@ -281,13 +281,15 @@ def class_edges(cfg: EdgeConfig, ids, class_grads, images, cavs, ablations=None)
             raise ValueError(f"edges.class_test={cfg.class_test!r} needs the class ablations")
         drops = ablations.to_table() if hasattr(ablations, "to_table") else ablations
         drops = {k: np.asarray(v) for k, v in drops.to_pydict().items()}
+        # the class's mean centred logit on its intact images: the scale of edges.min_effect
+        intact = {c: {int(i): v for i, v, lab in zip(drops["image"], drops["logit"], drops["label"]) if lab == c}
+                  for c in range(len(names))}
+        scale = {c: abs(float(np.mean(list(v.values())))) if v else 0.0 for c, v in intact.items()}
         for row in rows:
             c = names.index(row["target"][len("class."):])
             pick = (drops["concept"] == row["source"]) & (drops["label"] == c)
             effect, p = ablation_test(drops["drop"][pick], drops["null_drop"][pick])
-            intact = {int(i): v for i, v, lab in zip(drops["image"], drops["logit"], drops["label"]) if lab == c}
-            scale = float(np.mean(list(intact.values()))) if intact else 0.0
             row.update(effect=effect, effect_p=p, examples=int(pick.sum()),
                        p=p if cfg.class_test == "ablation" else max(p, row["tcav_p"]),
-                       too_small=not effect >= cfg.min_effect * abs(scale))
+                       too_small=not effect >= cfg.min_effect * scale[c])
     return _edge_table(cfg, rows)
