@@ -181,6 +181,39 @@ def test_planted_links_and_the_ground_truth_report():
     assert figure.axes
 
 
+def test_the_connectome_keeps_what_decided_each_edge_and_draws_ablation_edges_by_their_effect(tmp_path):
+    def concepts(*rows):
+        return {"concepts": pa.Table.from_pylist([{"concept": c, "kept": True, "label": lab, "label_iou": 0.6,
+                                                   "segments": 12} for c, lab in rows])}
+
+    def edges(*rows):
+        nan = float("nan")
+        return pa.Table.from_pylist([{"source": s, "target": t, "test": test, "examples": 20, "score": score,
+                                      "score_std": 0.0, "random_score": 0.5, "tcav_p": 0.01, "effect": effect,
+                                      "effect_p": nan if effect != effect else 0.01, "p": p, "p_adjusted": p,
+                                      "significant": p <= 0.05} for s, t, test, score, effect, p in rows],
+                                    schema=cav.EDGE_SCHEMA)
+
+    nan = float("nan")
+    out = connectome.build_connectome(
+        connectome.ConnectomeConfig(layers=[0, 1], classes=["house", "cart"]),
+        concepts_0=concepts(("0.a", "roof")), concepts_1=concepts(("1.a", "house"), ("1.b", "texture")),
+        edges_0_1=edges(("0.a", "1.a", "itcav", 0.95, nan, 0.001), ("0.a", "1.b", "itcav", 0.55, nan, 0.4)),
+        class_edges=edges(("1.a", "class.house", "ablation", 0.52, 2.0, 0.001),
+                          ("1.b", "class.house", "ablation", 0.9, 0.01, 0.3),
+                          ("1.a", "class.cart", "ablation", 0.6, 0.5, 0.02)))
+    g = connectome.load_graph(out["graph"])
+    assert set(g.edges) == {("0.a", "1.a"), ("1.a", "class.house"), ("1.a", "class.cart")}
+    assert g.edges["0.a", "1.a"]["test"] == "itcav" and "effect" not in g.edges["0.a", "1.a"]
+    assert g.edges["1.a", "class.house"]["test"] == "ablation" and g.edges["1.a", "class.house"]["effect"] == 2.0
+    out["files"].save_pretrained(tmp_path)
+    assert "NaN" not in (tmp_path / "connectome.json").read_text()
+    arrows = [a.arrow_patch for a in out["figure"].axes[0].texts if getattr(a, "arrow_patch", None)]
+    widths = sorted((p.get_linestyle() not in ("-", "solid"), round(p.get_linewidth(), 2)) for p in arrows)
+    # the ITCAV edge solid at 0.5 + 3 (0.95 - 1/2); the ablation edges dashed, the larger drop at full width
+    assert widths == [(False, 1.85), (True, 1.25), (True, 3.5)]
+
+
 def test_itcav_within_tests_an_edge_only_on_the_upper_segments_that_contain_the_lower_concept():
     # upper concept U0 owns upper segments 0-5; lower concept "in" lies inside all of them, "out" in none,
     # yet both CAVs align with every gradient: only "in" -> U0 is an edge (a part must lie in its whole)

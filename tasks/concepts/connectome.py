@@ -1,5 +1,5 @@
 """The Visual Concept Connectome: concepts per layer joined by significant ITCAV edges, the top layer
-joined to the classes by TCAV edges; saved as GraphML and JSON, drawn as a layered graph; the concept
+joined to the classes by ablation (or TCAV) edges; saved as GraphML and JSON, drawn as a layered graph; the concept
 paths that fire in misclassified images; and the check against the planted part -> whole hierarchy.
 """
 
@@ -48,8 +48,10 @@ def _graph(cfg: ConnectomeConfig, inputs: dict):
     all_edges = pa.concat_tables(tables)
     for row in all_edges.to_pylist():
         if row["significant"]:
+            effect = row.get("effect")
+            extra = {"effect": float(effect)} if effect is not None and np.isfinite(effect) else {}
             g.add_edge(row["source"], row["target"], score=float(row["score"]), p=float(row["p"]),
-                       random_score=float(row["random_score"]))
+                       random_score=float(row["random_score"]), test=row.get("test") or "itcav", **extra)
     return g, all_edges
 
 
@@ -70,7 +72,8 @@ class GraphFiles:
 
 def draw(graph, layers: list[int], title: str = ""):
     """A layered drawing: one column per layer (bottom layer left), classes on the right; node colour is
-    the ground-truth label, edge width the score."""
+    the ground-truth label. Edge width is what decided the edge: the (I)TCAV score above 1/2, or, dashed, an
+    ablation's logit drop relative to the largest one drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,10 +88,15 @@ def draw(graph, layers: list[int], title: str = ""):
             pos[n] = (depth, -(i - (len(nodes) - 1) / 2))
     height = max((len(v) for v in depth_nodes.values()), default=1)
     fig, ax = plt.subplots(figsize=(2.6 * (len(layers) + 1) + 1, 0.8 * height + 1.8))
+    largest_effect = max((d["effect"] for _, _, d in graph.edges(data=True) if _by_ablation(d)), default=0.0)
     for u, v, d in graph.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
+        if _by_ablation(d):
+            style = dict(lw=0.5 + 3 * max(d["effect"], 0) / max(largest_effect, 1e-12), linestyle="--")
+        else:
+            style = dict(lw=0.5 + 3 * max(d["score"] - 0.5, 0))
         ax.annotate("", xy=(x1 - 0.12, y1), xytext=(x0 + 0.12, y0),
-                    arrowprops=dict(arrowstyle="-|>", lw=0.5 + 3 * max(d["score"] - 0.5, 0), alpha=0.6, color="#555"))
+                    arrowprops=dict(arrowstyle="-|>", alpha=0.6, color="#555", **style))
     for n, d in graph.nodes(data=True):
         x, y = pos[n]
         colour = LABEL_COLOURS.get(d["label"], "#ffffff")
@@ -102,8 +110,13 @@ def draw(graph, layers: list[int], title: str = ""):
     ax.set_ylim(-height / 2 - 1, height / 2 + 0.6)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title or "Visual Concept Connectome (significant edges; colour: ground-truth label)", fontsize=9)
+    ax.set_title(title or "Visual Concept Connectome (significant edges; colour: ground-truth label; "
+                 "dashed: kept by ablation, width its logit drop)", fontsize=9)
     return fig
+
+
+def _by_ablation(edge: dict) -> bool:
+    return "ablation" in edge.get("test", "") and "effect" in edge
 
 
 def build_connectome(cfg: ConnectomeConfig, **inputs) -> dict:
