@@ -214,6 +214,36 @@ def test_the_connectome_keeps_what_decided_each_edge_and_draws_ablation_edges_by
     assert widths == [(False, 1.85), (True, 1.25), (True, 3.5)]
 
 
+def test_image_paths_use_present_concepts_and_only_the_scores_that_decided_their_edges():
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_edge("0.roof", "1.house", score=0.9, test="itcav")
+    g.add_edge("0.wall", "1.house", score=0.6, test="itcav")
+    g.add_edge("0.wall", "1.body", score=0.8, test="itcav")
+    g.add_edge("0.wheel", "1.body", score=1.0, test="itcav")        # the wheel is not in this image
+    # ablation edges: the TCAV score rides along but did not decide them; the logit drop orders ties
+    g.add_edge("1.house", "class.house", score=0.1, test="ablation", effect=2.0)
+    g.add_edge("1.body", "class.house", score=0.99, test="ablation", effect=0.5)
+    g.add_edge("1.body", "class.cart", score=0.7, test="tcav")
+    present = [{"0.roof", "0.wall"}, {"1.house", "1.body"}]
+
+    house = connectome.image_paths(g, present, "class.house")
+    assert [(p, round(s, 6)) for p, s, _ in house] == [
+        (["0.roof", "1.house", "class.house"], 0.9), (["0.wall", "1.body", "class.house"], 0.8),
+        (["0.wall", "1.house", "class.house"], 0.6)]
+    assert [e for _, _, e in house] == [2.0, 0.5, 2.0]
+    cart = connectome.image_paths(g, present, "class.cart")         # a TCAV class edge multiplies in
+    assert [(p, round(s, 6)) for p, s, _ in cart] == [(["0.wall", "1.body", "class.cart"], 0.56)]
+    assert np.isnan(cart[0][2])
+    # equal scores: the larger logit drop first (not the order of the names)
+    g.edges["0.wall", "1.body"]["score"] = 0.9
+    g.edges["1.body", "class.house"]["effect"] = 3.0
+    assert [p[:2] for p, _, _ in connectome.image_paths(g, present, "class.house")[:2]] == [
+        ["0.wall", "1.body"], ["0.roof", "1.house"]]
+    assert connectome.image_paths(g, [{"0.wheel"}, {"1.house"}], "class.house") == []
+
+
 def test_itcav_within_tests_an_edge_only_on_the_upper_segments_that_contain_the_lower_concept():
     # upper concept U0 owns upper segments 0-5; lower concept "in" lies inside all of them, "out" in none,
     # yet both CAVs align with every gradient: only "in" -> U0 is an edge (a part must lie in its whole)

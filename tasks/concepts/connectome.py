@@ -159,15 +159,27 @@ class FailureConfig(BaseModel):
     paths_per_image: int = Field(3, ge=1)
 
 
-def image_paths(graph, present: list[set[str]], target: str) -> list[tuple[list[str], float]]:
+def _path_factor(edge: dict) -> float:
+    """What an edge multiplies a path's score by: its (I)TCAV score when that decided it; 1 for an edge kept
+    by ablation alone (its TCAV score is reported but did not decide it; its logit drop is kept beside)."""
+    return 1.0 if edge.get("test") == "ablation" else edge["score"]
+
+
+def image_paths(graph, present: list[set[str]], target: str) -> list[tuple[list[str], float, float]]:
     """Concept paths bottom layer -> ... -> top layer -> ``target`` along significant edges, using only
-    concepts present in the image at each layer; with the product of edge scores."""
+    concepts present in the image at each layer; with the product of the scores that decided the edges and
+    the class edge's ablation logit drop (NaN when it was not decided by ablation). Strongest first: by
+    score, then by the drop."""
     paths = [([c], 1.0) for c in present[0]]
     for layer_present in present[1:]:
-        paths = [(p + [v], s * graph.edges[p[-1], v]["score"]) for p, s in paths for v in layer_present
+        paths = [(p + [v], s * _path_factor(graph.edges[p[-1], v])) for p, s in paths for v in layer_present
                  if graph.has_edge(p[-1], v)]
-    out = [(p + [target], s * graph.edges[p[-1], target]["score"]) for p, s in paths if graph.has_edge(p[-1], target)]
-    return sorted(out, key=lambda ps: -ps[1])
+    out = []
+    for p, s in paths:
+        if graph.has_edge(p[-1], target):
+            edge = graph.edges[p[-1], target]
+            out.append((p + [target], s * _path_factor(edge), float(edge.get("effect", float("nan")))))
+    return sorted(out, key=lambda pse: (-pse[1], -np.nan_to_num(pse[2], nan=-np.inf), pse[0]))
 
 
 def failure_paths(cfg: FailureConfig, ids, logits, images, connectome, **inputs) -> dict:
@@ -204,15 +216,16 @@ def failure_paths(cfg: FailureConfig, ids, logits, images, connectome, **inputs)
         for toward, cls in (("predicted", int(pred[i])), ("true", int(labels[i]))):
             target = f"class.{cfg.classes[cls]}"
             found = image_paths(g, present, target)
-            for path, score in found[:cfg.paths_per_image] or [([], 0.0)]:
+            for path, score, effect in found[:cfg.paths_per_image] or [([], 0.0, float("nan"))]:
                 rows.append({"image": image, "true": cfg.classes[int(labels[i])], "predicted": cfg.classes[int(pred[i])],
                              "misclassified": bool(pred[i] != labels[i]), "margin": float(margin[i]),
                              "toward": toward, "path": " -> ".join(path) or "(no path fires)",
-                             "labels": " -> ".join(g.nodes[n]["label"] for n in path), "score": float(score)})
+                             "labels": " -> ".join(g.nodes[n]["label"] for n in path), "score": float(score),
+                             "class_effect": effect})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("image", pa.int64()), ("true", pa.string()), ("predicted", pa.string()), ("misclassified", pa.bool_()),
         ("margin", pa.float64()), ("toward", pa.string()), ("path", pa.string()), ("labels", pa.string()),
-        ("score", pa.float64())]))
+        ("score", pa.float64()), ("class_effect", pa.float64())]))
     n_show = max(1, min(len(chosen), 6))
     fig, axes = plt.subplots(1, n_show, figsize=(3.2 * n_show, 3.8), squeeze=False)
     for ax, i in zip(axes[0], chosen[:n_show]):
