@@ -48,10 +48,9 @@ def _graph(cfg: ConnectomeConfig, inputs: dict):
     all_edges = pa.concat_tables(tables)
     for row in all_edges.to_pylist():
         if row["significant"]:
-            effect = row.get("effect")
-            extra = {"effect": float(effect)} if effect is not None and np.isfinite(effect) else {}
+            extra = {"effect": float(row["effect"])} if np.isfinite(row["effect"]) else {}   # ablation edges only
             g.add_edge(row["source"], row["target"], score=float(row["score"]), p=float(row["p"]),
-                       random_score=float(row["random_score"]), test=row.get("test") or "itcav", **extra)
+                       random_score=float(row["random_score"]), test=row["test"], **extra)
     return g, all_edges
 
 
