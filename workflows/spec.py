@@ -47,7 +47,13 @@ SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
 
 class SpecError(ValueError):
-    """A spec problem a user can fix; the CLI prints it and exits with code 2."""
+    """A spec problem a user can fix; the CLI prints it and exits with code 2.
+
+    Its message is always one line (whitespace runs, newlines included, become one space), whatever
+    the underlying error said: the CLI prints exactly one line on stderr."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -89,6 +95,9 @@ def workflow_of_config(config: BaseModel) -> str:
 def resolve_spec_path(spec: str | Path) -> Path:
     """A spec file path, or the name of a bundled spec (`demo` -> workflows/specs/demo.yaml)."""
     path = Path(spec)
+    if path.is_dir():
+        raise SpecError(f"spec: '{spec}' is a directory, not a spec file. Fix: give the path of a YAML spec "
+                        f"file (e.g. {Path(spec) / 'spec.yaml'}) or a bundled spec name")
     if path.exists():
         return path
     bundled = SPECS_DIR / f"{spec}.yaml"
@@ -100,7 +109,18 @@ def resolve_spec_path(spec: str | Path) -> Path:
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SpecError(f"spec: '{path}' is a directory, not a spec file. Fix: give the path of a YAML spec "
+                        "file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec: '{path}' is not UTF-8 text (undecodable byte at offset {exc.start}): it is not "
+                        "a YAML spec. Fix: give the path of a YAML spec file") from None
+    except OSError as exc:
+        raise SpecError(f"spec: cannot read '{path}' ({exc.strerror or exc}). Fix: give a readable YAML spec "
+                        "file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -178,10 +198,23 @@ def explain_validation(exc: ValidationError, model: type[BaseModel], prefix: str
                 f"{', '.join(valid) or '(none)'}{more}")
     if first["type"] == "missing":
         return f"field '{field}' is required. Fix: set it in the spec or pass {field}=VALUE{more}"
+    if first["type"] == "value_error" and "error" in first.get("ctx", {}):
+        # a validator's own message: it names its field and fix itself, or gets the generic fix
+        message = str(first["ctx"]["error"]).strip()
+        if not message.startswith(field):
+            message = f"field '{field}': {message}"
+        if "Fix" not in message and "fix" not in message:
+            message += f". Fix: give {field} a valid value in the spec or on the command line as {field}=VALUE"
+        return message + more
     got = first.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    got_text = "" if isinstance(got, (dict, list)) else f" (got {_short(got)})"
     return (f"field '{field}': {first['msg']}{got_text}. Fix: give {field} a valid value in the spec "
             f"or on the command line as {field}=VALUE{more}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_spec(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = (),
@@ -202,12 +235,12 @@ def load_spec(spec: str | Path | dict, overrides: list[str] | tuple[str, ...] = 
     if not isinstance(run_section, dict):
         raise SpecError("field 'run': must be a mapping of run settings (store, tracking_uri, ...)")
     try:
-        settings = RunSettings(**run_section)
+        settings = RunSettings.model_validate(run_section)
     except ValidationError as exc:
         raise SpecError(explain_validation(exc, RunSettings, "run.")) from None
     fields = over_defaults(config_type, {k: v for k, v in data.items() if k not in ("workflow", "run")})
     try:
-        config = config_type(**fields)
+        config = config_type.model_validate(fields)
     except ValidationError as exc:
         raise SpecError(explain_validation(exc, config_type)) from None
     validate = getattr(importlib.import_module(WORKFLOWS[str(name)].partition(":")[0]), "validate", None)
