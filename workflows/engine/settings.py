@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RunSettings(BaseModel):
@@ -28,6 +30,13 @@ class RunSettings(BaseModel):
     verify: bool = Field(True, description="check sha256 of every artifact a node reads")
     progress: bool = True
 
+    @field_validator("retry_exceptions")
+    @classmethod
+    def _known_exceptions(cls, names: list[str]) -> list[str]:
+        for name in names:
+            exception_class(name)
+        return names
+
     def resolved_tracking_uri(self) -> str:
         if self.tracking_uri:
             return self.tracking_uri
@@ -40,3 +49,28 @@ class RunSettings(BaseModel):
 
     def resolved_store(self) -> str:
         return self.store if "://" in self.store else str(Path(self.store).expanduser().resolve())
+
+
+def exception_class(name: str) -> type[BaseException]:
+    """The exception class `name` stands for: a builtin (`ConnectionError`) or a dotted `module.Class`
+    (`requests.exceptions.ConnectionError`; the module is imported). ValueError naming
+    `run.retry_exceptions` and the fix if it names none."""
+    fix = ("Fix: give a builtin exception name (ConnectionError, TimeoutError, OSError, ...) or an importable "
+           "dotted module.Class")
+    if not isinstance(name, str) or not name.strip() or not all(p.isidentifier() for p in name.split(".")):
+        raise ValueError(f"run.retry_exceptions: {name!r} is not an exception class name. {fix}")
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except Exception as exc:  # noqa: BLE001 - any import failure is the user's bad name
+            raise ValueError(f"run.retry_exceptions: cannot import module '{module}' for {name!r} "
+                             f"({type(exc).__name__}). {fix}") from None
+    else:
+        found = getattr(builtins, name, None)
+    if found is None:
+        where = f"module '{name.rpartition('.')[0]}'" if "." in name else "Python's builtins"
+        raise ValueError(f"run.retry_exceptions: no exception {name!r} in {where}. {fix}")
+    if not (isinstance(found, type) and issubclass(found, Exception)):
+        raise ValueError(f"run.retry_exceptions: {name!r} is not an Exception subclass. {fix}")
+    return found
