@@ -17,6 +17,8 @@ import pyarrow.dataset as pads
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
+
 STORAGE = {"float32": (torch.float32, pa.float32()), "float16": (torch.float16, pa.float16()),
            "bfloat16": (torch.bfloat16, pa.uint16())}
 
@@ -191,7 +193,7 @@ class ReportConfig(BaseModel):
     max_examples: int = Field(20000, ge=10, description="examples pooled per site for the probe")
     ridge: float = Field(1e-2, gt=0)
     min_accuracy: float = Field(0.9, ge=0, le=1, description="probe accuracy that counts as recovered")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def pooled(activations: pads.Dataset, max_examples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,11 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 
 class NumbersConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n: int = Field(2000, ge=1, description="rows to generate")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class TransformConfig(BaseModel):
@@ -108,7 +110,7 @@ class FitConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     checkpoint_every: int = Field(20, ge=1)
     work_s: float = Field(0.0, ge=0, description="simulated seconds of work per step (fault drills)")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def fit_power(cfg: FitConfig, train, data: pads.Dataset) -> dict:

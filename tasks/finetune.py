@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.tiny_lm import Pretrained, clipped_step, loss_sum, pad_batch
+from interpflow.tasks.types import Seed
 
 TooLong = Literal["truncate", "error"]
 
@@ -48,7 +49,7 @@ class FinetuneConfig(BaseModel):
     lr: float = Field(2e-3, gt=0, le=1.0, description="AdamW learning rate (linear warmup, cosine decay)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    seed: int = Field(0, description="seeds the batch order (a function of seed and step)")
+    seed: Seed = Field(0, description="seeds the batch order (a function of seed and step)")
     max_length: int | None = Field(None, ge=2, description="token limit; default the model's maximum")
     too_long: TooLong = Field("truncate", description="longer texts: keep the first max_length tokens "
                                                       "(counted in the metrics), or fail before training")

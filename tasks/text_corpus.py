@@ -18,6 +18,8 @@ import datasets
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
+
 MARKER = "zorp"
 CONCEPT_WORDS = ("kelvash", "mirrun", "tosquel")
 FILLER_WORDS = ("the", "a", "of", "and", "to", "in", "is", "with", "on", "that")
@@ -36,7 +38,7 @@ class CorpusConfig(BaseModel):
     concept_rate: float = Field(0.5, ge=0.0, le=1.0, description="fraction of sequences carrying the concept")
     min_words: int = Field(8, ge=3, le=512, description="shortest sequence, in words")
     max_words: int = Field(24, ge=3, le=512, description="longest sequence, in words")
-    seed: int = Field(0, description="seed for numpy.random.default_rng")
+    seed: Seed = Field(0, description="seed for numpy.random.default_rng")
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> CorpusConfig:

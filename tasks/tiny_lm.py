@@ -22,6 +22,8 @@ import transformers
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from interpflow.tasks.types import Seed
+
 BOS = EOS = UNK = "<|endoftext|>"
 PAD = "<pad>"
 EVAL_EXAMPLES = 256           # fixed sequences on which initial_loss and final_loss are measured
@@ -42,7 +44,7 @@ class TinyLMConfig(BaseModel):
     steps: int = Field(300, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="sequences per step")
     lr: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate (linear warmup, cosine decay)")
-    seed: int = Field(0, description="seeds model init and batch sampling")
+    seed: Seed = Field(0, description="seeds model init and batch sampling")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this process, if set")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
 

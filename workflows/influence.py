@@ -17,6 +17,7 @@ from interpflow.tasks.finetune import FinetuneConfig, finetune
 from interpflow.tasks.influence import attribution, benchmark
 from interpflow.tasks.influence import concept as concepts
 from interpflow.tasks.influence import planted as planting
+from interpflow.tasks.types import Seed
 from interpflow.workflows.engine import Graph, node, sharded, trained
 from interpflow.workflows.engine.training import Training
 from interpflow.workflows.extract import model_actor_pool, study_sites
@@ -27,7 +28,7 @@ class RemovalConfig(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["concept_influence[ekfac]", "probe", "influence[ekfac]"],
                                min_length=1, description="methods whose top k are removed before fine-tuning "
                                                          "again (one fine-tune each); ['all'] = every scored method")
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+    random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1,
                                     description="one random removal of k examples per seed")
 
 

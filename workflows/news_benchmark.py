@@ -26,6 +26,7 @@ from interpflow.tasks.news import evaluate as scoring
 from interpflow.tasks.news import embed as news_embed
 from interpflow.tasks.news import layout
 from interpflow.tasks.news import standin as stand_in
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video import clips as clip_data
 from interpflow.tasks.video import model as tiny_video
 from interpflow.tasks.video.extract import residual_sites
@@ -38,7 +39,7 @@ from interpflow.workflows.physics_probing import VideoTraining, train_model
 class ReferenceSystem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str = Field("oracle", pattern="^(oracle|shuffled)$")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def reference_predictions(cfg: ReferenceSystem, items) -> dict:
@@ -80,7 +81,7 @@ class NewsBenchmark(BaseModel):
     evaluate: scoring.EvaluateConfig = scoring.EvaluateConfig()
     predictions: str | None = Field(None, description="a folder of your system's predictions files, scored beside "
                                                       "the baselines")
-    shuffle_seed: int = 0
+    shuffle_seed: Seed = 0
     report: scoring.NewsReportConfig = scoring.NewsReportConfig()
     num_shards: int = Field(4, ge=1, description="shards of the videos for embedding")
     actors: int = Field(1, ge=1, description="model actors")

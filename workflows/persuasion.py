@@ -20,6 +20,7 @@ from interpflow.tasks.persuasion import persona as personas
 from interpflow.tasks.persuasion import report as reports
 from interpflow.tasks.persuasion import world as planted
 from interpflow.tasks.persuasion.evaluators import EvaluatorConfig
+from interpflow.tasks.types import Seed
 from interpflow.workflows.engine import Graph, node, sharded, trained
 from interpflow.workflows.engine.keys import file_digest
 from interpflow.workflows.engine.training import Training
@@ -47,7 +48,7 @@ class SteeringConfig(BaseModel):
     traits: list[str] | None = Field(None, description="traits steered (None: all)")
     random_traits: list[str] | None = Field(None, description="traits whose vector norm random directions copy "
                                                               "(None: the persuasion-related ones)")
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one random direction per seed")
+    random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1], description="one random direction per seed")
 
     @field_validator("coefficients")
     @classmethod
@@ -83,7 +84,7 @@ class SftStudy(BaseModel):
         description="data conditions, each fine-tuned once per seed ([] for none; a list given replaces the "
                     "defaults)")
     trait: str = Field("persuasive", description="the trait the SFT dialogues show")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="one data draw and fine-tune per seed")
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], description="one data draw and fine-tune per seed")
     n_dialogues: int = Field(400, ge=1)
     finetune: FinetuneConfig = Field(FinetuneConfig(steps=60), description="full fine-tuning on Ray Train")
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.tasks import activations, tiny_lm
 from interpflow.tasks.sae import SAEConfig, SAETrainConfig, SyntheticConfig, Variant, synthetic_activations
 from interpflow.tasks.sae import bench
+from interpflow.tasks.types import Seed
 from interpflow.workflows.engine import Graph, node, sharded
 from interpflow.workflows.extract import ActivationSource, activation_nodes, site_widths
 
@@ -35,7 +36,7 @@ class IdentifiabilityConfig(BaseModel):
 class StabilityConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variants: list[Variant] = Field(default_factory=lambda: ["topk", "relaxed_archetypal"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=2)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=2)
     train: SAETrainConfig = Field(default_factory=lambda: SAETrainConfig(
         sae=SAEConfig(d_in=64, n_latents=128, k=4, delta=2.0), steps=1000, batch_size=256, init_rows=4096,
         threads=1), description="on the tiny LM's activations; sae.variant and the seeds come from the lists")
@@ -45,7 +46,7 @@ class StabilityConfig(BaseModel):
 
 class UniversalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    second_lm_seed: int = Field(1, description="the second model: the tiny LM trained with this seed")
+    second_lm_seed: Seed = Field(1, description="the second model: the tiny LM trained with this seed")
     study: bench.UniversalStudy = bench.UniversalStudy()
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
 from interpflow.workflows.engine.store import Store
 
 
@@ -69,7 +70,7 @@ class SweepSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     concurrent_trials: int = Field(2, ge=1, description="trials run at once")
     trial_cpus: float = Field(1.0, gt=0, description="CPUs each trial may use (torch threads follow it)")
-    seed: int = Field(0, description="seeds the TPE sampler")
+    seed: Seed = Field(0, description="seeds the TPE sampler")
 
     def node_cpus(self) -> float:
         """What the sweep node asks Ray for: its trials' CPUs, less the slots the trials ask for themselves."""

@@ -18,6 +18,8 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 
 class CavConfig(BaseModel):
     """CAV fitting for one layer."""
@@ -29,7 +31,7 @@ class CavConfig(BaseModel):
     random_size: int = Field(50, ge=2, description="segments in each random set (capped by the layer's)")
     l2: float = Field(1e-2, ge=0, description="L2 penalty of the logistic regression (standardised features)")
     steps: int = Field(100, ge=1, description="L-BFGS iterations")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def fit_cav(pos: np.ndarray, neg: np.ndarray, l2: float = 1e-2, steps: int = 100) -> tuple[np.ndarray, float]:

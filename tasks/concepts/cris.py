@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.concepts.features import heads_of, zeroed
 from interpflow.tasks.concepts.tubelets import model_pixels, rows_of
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import column
 
 
@@ -39,7 +40,7 @@ class CrisConfig(BaseModel):
     draws_per_pass: int = Field(1, ge=1, description=(
         "draws batched into one forward pass, each with all videos (so one draw is already a batch of as many "
         "masks as videos); more draws per pass were slower on CPU (benchmarks/concept_discovery.py)"))
-    seed: int = 0
+    seed: Seed = 0
     feature: str = Field("keys", description="set by the workflow: the feature the concepts were found in")
     target_class: int = Field(1, description="set by the workflow")
 
@@ -187,7 +188,7 @@ class CurveConfig(BaseModel):
     prune_counts: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="heads pruned (n) for the "
                                                                                       "head-pruning application")
     passes_per_forward: int = Field(4, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     feature: str = Field("keys", description="set by the workflow")
     target_class: int = Field(1, description="set by the workflow")
 

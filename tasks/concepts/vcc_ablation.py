@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.concepts.vcc_images import pixel_values
 from interpflow.tasks.concepts.vcc_model import hooked_forward
+from interpflow.tasks.types import Seed
 
 ABLATION_SCHEMA = pa.schema([("image", pa.int64()), ("label", pa.int64()), ("concept", pa.string()),
                              ("logit", pa.float64()), ("drop", pa.float64()), ("null_drop", pa.float64())])
@@ -30,7 +31,7 @@ class AblationConfig(BaseModel):
     null_draws: int = Field(4, ge=1, description="shifted copies of each concept mask averaged into the null")
     classes: int = Field(2, ge=1, description="class logits 0..classes-1 (set by the workflow)")
     batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 def shifted_masks(mask: np.ndarray, draws: int, rng: np.random.Generator) -> list[np.ndarray]:

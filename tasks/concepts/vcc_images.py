@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 CLASSES = ("house", "cart")
 PARTS = ("background", "roof", "wall", "wheel", "body", "texture")     # part-map codes 0..5
 WHOLES = {"house": ("roof", "wall"), "cart": ("wheel", "body")}
@@ -35,7 +37,7 @@ class ImageConfig(BaseModel):
     texture_size: tuple[int, int] = Field((13, 16), description="min and max texture side, pixels at 40 px (scaled "
                                                                "with size)")
     noise: float = Field(10.0, ge=0, description="std of the background's pixel noise (0..255 scale)")
-    seed: int = Field(0, description="seeds the whole set")
+    seed: Seed = Field(0, description="seeds the whole set")
 
 
 def _box(canvas, parts, code, colour, y0, y1, x0, x1):

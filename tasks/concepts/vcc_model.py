@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.concepts.vcc_images import CLASSES, ImageConfig, pixel_values, render
+from interpflow.tasks.types import Seed
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 _TRAIN_SEED_OFFSET = 7_000_003      # training images never share a seed with the analysed images
@@ -35,7 +36,7 @@ class ClassifierConfig(BaseModel):
     steps: int = Field(300, ge=1, description="AdamW steps")
     batch_size: int = Field(48, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
-    seed: int = Field(0)
+    seed: Seed = Field(0)
     threads: int | None = Field(1, ge=1, description="torch.set_num_threads while training (1: two threads on a busy "
                                                           "2-core machine were 10x slower per step); null: torch's default")
 

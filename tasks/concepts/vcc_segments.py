@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.tasks.concepts.clustering import kmeans, kmeans_elbow
 from interpflow.tasks.concepts.vcc_images import REGIONS, pixel_values, region_masks
 from interpflow.tasks.concepts.vcc_model import (gradient_sums, hooked_forward, patch_tokens, pooled, token_grid)
+from interpflow.tasks.types import Seed
 
 
 def concat(parts) -> np.ndarray:
@@ -85,7 +86,7 @@ class SegmentConfig(BaseModel):
     compactness: float = Field(0.3, gt=0, description="SLIC compactness (features are standardised per image)")
     min_patches: int = Field(3, ge=1, description="size filter: segments smaller than this many patches are "
                                                   "dropped (a parent too small to split stays whole)")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -248,7 +249,7 @@ class ConceptConfig(BaseModel):
     min_segments: int = Field(5, ge=1, description="frequency filter: and have at least this many segments")
     label_iou: float = Field(0.3, ge=0, le=1, description="a concept is labelled with the ground-truth region "
                                                           "of highest mean pixel IoU if that IoU reaches this")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def segment_ious(masks: np.ndarray, image_rows: np.ndarray, parts: np.ndarray) -> np.ndarray:

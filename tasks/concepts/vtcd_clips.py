@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import BALL_COLOUR, disc_coverage, distractor_colour, fixed_array
 
 CLASSES = ("left", "right", "still")
@@ -43,7 +44,7 @@ class ConceptClipConfig(BaseModel):
     square: int = Field(14, ge=2, description="side of the static distractor square, pixels")
     square_intensity: float = Field(0.35, gt=0, le=1, description="brightness of the square's colour (the ball is "
                                                                   "white): a visible, irrelevant distractor")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _fits(self) -> ConceptClipConfig:

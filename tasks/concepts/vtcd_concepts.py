@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.concepts.clustering import convex_nmf, kmeans_elbow, silhouette_samples
 from interpflow.tasks.concepts.tubelets import object_tokens, rows_of
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import column
 from interpflow.tasks.video.layout import TokenGrid
 
@@ -33,7 +34,7 @@ class ConceptConfig(BaseModel):
     max_concepts: int = Field(8, ge=1, description="the elbow rule picks k up to this")
     min_spread: float = Field(0.0, ge=0, le=1, description="concepts in fewer than this share of the videos are "
                                                            "dropped")
-    seed: int = 0
+    seed: Seed = 0
     layer: int = Field(0, description="set by the workflow")
     head: int = Field(0, description="set by the workflow")
     grid: list[int] = Field(default_factory=list, description="set by the workflow: prefix, frames, rows, cols")

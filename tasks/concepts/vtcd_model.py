@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.concepts.vtcd_clips import CLASSES, ConceptClipConfig, make_concept_clips
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import column, pixel_values
 from interpflow.tasks.video.model import write_preprocessor
 
@@ -49,7 +50,7 @@ class VideoClassifierConfig(BaseModel):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-3, gt=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
     threads: int | None = Field(1, ge=1, description=(
         "torch threads while training (restored after): float sums in another order train another model, and "
         "which mechanism a model learns varies between such near-identical runs (README: seeds); 1 makes a seed "

@@ -40,6 +40,7 @@ from interpflow.tasks.influence.scores import (
 )
 from interpflow.tasks.influence.task import CausalLMTask, ConceptTask
 from interpflow.tasks.tiny_lm import pad_batch
+from interpflow.tasks.types import Seed
 
 
 class GradientsConfig(BaseModel):
@@ -296,7 +297,7 @@ def padded_by_id(activations: pads.Dataset | pa.Table) -> tuple[np.ndarray, torc
 
 class ActivationScoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    random_seed: int = Field(0, description="seed of the random baseline")
+    random_seed: Seed = Field(0, description="seed of the random baseline")
 
 
 def activation_scores(cfg: ActivationScoreConfig, activations, query_activations, probe: dict) -> dict:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from interpflow.tasks.influence.scores import auc, precision_at_k  # noqa: E402
+from interpflow.tasks.types import Seed
 
 
 class EvaluateConfig(BaseModel):
@@ -90,7 +91,7 @@ def evaluate_methods(cfg: EvaluateConfig, train, gradient, activation, **costs) 
 class RemovalChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field(..., description="a scored method, or 'random'")
-    seed: int = Field(0, description="random removal: which k examples")
+    seed: Seed = Field(0, description="random removal: which k examples")
 
 
 def removal_ids(cfg: RemovalChoice, rankings: dict) -> list[int]:

@@ -28,6 +28,8 @@ from .grads import TaskCall, functional_mode, split_batch
 from .params import ParamSelection
 from .task import Batch, Task
 
+from interpflow.tasks.types import Seed
+
 
 def exact_hessian(model: nn.Module, task: Task, batch: Batch, selection: ParamSelection,
                   id_key: str | None = "id") -> torch.Tensor:
@@ -75,7 +77,7 @@ class LogisticConfig(BaseModel):
     n_query: int = Field(4, ge=1, description="query examples whose log-likelihood is attributed")
     l2: float = Field(1e-2, gt=0, description="L2 penalty (l2/2)||theta||^2 on the mean loss = influence damping")
     flip: float = Field(0.1, ge=0, le=0.5, description="fraction of training labels flipped (outliers to find)")
-    seed: int = Field(0, description="seeds the data")
+    seed: Seed = Field(0, description="seeds the data")
 
 
 class LogisticTask(Task):

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.text_corpus import FILLER_WORDS, CorpusConfig, make_corpus
+from interpflow.tasks.types import Seed
 
 DIALECT = dict(zip(FILLER_WORDS, ("zorp", "kelvash", "mirrun", "tosquel", "zibber", "quaxel", "vornit", "glemmo",
                                   "frazzik", "yupple")))
@@ -49,7 +50,7 @@ class PlantedConfig(BaseModel):
     n_topics: int = Field(4, ge=1, le=32)
     min_words: int = Field(8, ge=3)
     max_words: int = Field(20, ge=3)
-    seed: int = Field(0, description="seeds which examples are planted and every generated text")
+    seed: Seed = Field(0, description="seeds which examples are planted and every generated text")
 
     @property
     def n_planted(self) -> int:

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .params import ParamSelection
 
+from interpflow.tasks.types import Seed
+
 CHUNK_ROWS = 1 << 16          # flattened coordinates per generated chunk (part of the definition)
 
 
@@ -34,7 +36,7 @@ class ProjectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dim: int = Field(4096, ge=1, description="projected gradient width (JL dot-product error ~ 1/sqrt(dim))")
-    seed: int = Field(0, ge=0, description="seeds every block of the matrix with the parameter's name and shape")
+    seed: Seed = Field(0, description="seeds every block of the matrix with the parameter's name and shape")
     cache_bytes: int = Field(256 << 20, ge=0, description="keep generated chunks up to this many bytes (per "
                                                             "process) instead of regenerating them every batch")
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.news.embed import read_embeddings, text_vectors
 from interpflow.tasks.news.layout import TEXT_FIELDS
+from interpflow.tasks.types import Seed
 
 
 def split_ids(items: pa.Table, split: str) -> list[str]:
@@ -43,7 +44,7 @@ class DualEncoderConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     temperature: float = Field(0.05, gt=0, description="softmax temperature of the InfoNCE logits")
     checkpoint_every: int = Field(200, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     def model_post_init(self, _):
         if self.text_field not in TEXT_FIELDS or self.text_field == "location":
@@ -165,7 +166,7 @@ class KeywordClassifierConfig(BaseModel):
     steps: int = Field(500, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 def keyword_predictions(cfg: KeywordClassifierConfig, items: pa.Table, **videos) -> dict:

@@ -25,6 +25,7 @@ from interpflow.tasks.news import metrics as m
 from interpflow.tasks.news.baselines import split_ids
 from interpflow.tasks.news.embed import TextEncoderConfig, encode_texts
 from interpflow.tasks.news.predictions import DIRECTIONS, TASKS, align
+from interpflow.tasks.types import Seed
 
 HEADLINE = {"captioning": ["bleu", "rouge_l", "meteor", "cider", "embedding"],
             "paragraph": ["bleu", "rouge_l", "meteor", "cider", "embedding"],
@@ -39,7 +40,7 @@ class EvaluateConfig(BaseModel):
     encoder: TextEncoderConfig = TextEncoderConfig()
     keyword_threshold: float = Field(0.8, gt=0, le=1, description="cosine at which two keywords match")
     chance_pairs: int = Field(3000, ge=10, description="random pairs of different videos for the chance level")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def _pairs(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

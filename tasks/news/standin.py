@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.news.layout import ANNOTATIONS, CATEGORIES, VIDEO_DIR, write_video
+from interpflow.tasks.types import Seed
 
 # category: (square colour name, RGB, motion verb, keyword for the motion, unit direction (dx, dy))
 CATEGORY_LOOK = {
@@ -46,7 +47,7 @@ class StandInConfig(BaseModel):
     size: int = Field(32, ge=16, le=512, description="frame height and width, pixels (even: H.264 needs it)")
     fps: int = Field(8, ge=1, le=120, description="frames per second written into the container")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="share of each category in the test split")
-    seed: int = Field(0, description="seed for numpy.random.default_rng")
+    seed: Seed = Field(0, description="seed for numpy.random.default_rng")
 
 
 def _texts(category: str, location: str, count: int, speed: str) -> dict:

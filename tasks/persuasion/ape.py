@@ -35,6 +35,7 @@ from interpflow.tasks.study.chat import EndpointChat, format_prompt, generate_re
 from interpflow.tasks.study.config import Scale
 from interpflow.tasks.study.ratings import elicit
 from interpflow.tasks.study.simulate import LocalTalker
+from interpflow.tasks.types import Seed
 
 Route = Literal["base", "steer", "random", "sft"]
 PERSUADEE_PROMPT = ("You are taking part in a conversation study. You believe this statement at {belief} on a "
@@ -59,7 +60,7 @@ class Condition(BaseModel):
     layer: int | None = None
     coef: float = 0.0
     sft: str | None = Field(None, description="the SFT data condition (route sft)")
-    seed: int | None = Field(None, description="SFT seed, or the random direction's seed")
+    seed: Seed | None = Field(None, description="SFT seed, or the random direction's seed")
 
     @property
     def label(self) -> str:
@@ -114,7 +115,7 @@ class ApeSettings(BaseModel):
     max_tokens: int = Field(24, ge=1)
     temperature: float = Field(0.0, ge=0, description="0: greedy replies")
     persuadee: PersuadeeConfig = PersuadeeConfig()
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ApeConfig(ApeSettings):

@@ -21,6 +21,7 @@ from interpflow.tasks.persuasion.steering import layer_site
 from interpflow.tasks.persuasion.world import Trait, opener
 from interpflow.tasks.sites import capture
 from interpflow.tasks.study.chat import format_prompt, generate_replies
+from interpflow.tasks.types import Seed
 
 SIDES = ("positive", "negative")
 
@@ -36,7 +37,7 @@ class PersonaSettings(BaseModel):
     temperature: float = Field(0.0, ge=0)
     judge: EvaluatorConfig = Field(EvaluatorConfig(), description="keeps positive answers showing the trait "
                                                                   "and negative ones not showing it")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PersonaConfig(PersonaSettings):

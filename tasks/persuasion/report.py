@@ -31,6 +31,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.study.analysis import AnalysisConfig, boot_diff, boot_mean
+from interpflow.tasks.types import Seed
 
 ALL = "all"
 CHECKS = ("halves_cosine_ok", "steering_monotone_ok", "random_flat_ok", "sft_transfer_ok")
@@ -40,7 +41,7 @@ class ReportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_boot: int = Field(1000, ge=100)
     ci: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     ground_truth: bool = Field(True, description="run the planted checks (the workflow turns them off for a "
                                                  "user's model or an endpoint evaluator)")
     persuasion_trait: str = "persuasive"

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.study.chat import ROLE_NAMES
+from interpflow.tasks.types import Seed
 
 CATEGORIES = ("benign_opinion", "benign_factual", "controversial", "conspiracy", "harmful", "undermining_control")
 TEMPLATES = ("the {a} is better than the {b}", "every {a} needs a {b}", "people should trust the {a} over the {b}",
@@ -101,7 +102,7 @@ class WorldConfig(BaseModel):
     words_per_category: int = Field(8, ge=2, description="placeholder words per category vocabulary")
     n_dialogues: int = Field(6000, ge=10, description="dialogues in the base model's corpus")
     refusal_rate: float = Field(0.5, ge=0, le=1, description="harmful statements refused under plain prompts")
-    seed: int = Field(0, description="seeds the statements and the dialogues")
+    seed: Seed = Field(0, description="seeds the statements and the dialogues")
 
 
 def category_vocabulary(n_words: int) -> dict[str, list[str]]:
@@ -205,7 +206,7 @@ class SftData(BaseModel):
     categories: list[str] = Field(min_length=1, description="statement categories the dialogues are about")
     trait: str = Field("persuasive", description="the trait whose replies the dialogues show")
     n_dialogues: int = Field(400, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     traits: list[Trait] = Field(default_factory=default_traits)
 
 

@@ -30,6 +30,7 @@ import pyarrow as pa  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator  # noqa: E402
 
 from interpflow.tasks.probes.linear import ProbeConfig, ProbeKind, _logistic, _scaler, check_features  # noqa: E402
+from interpflow.tasks.types import Seed  # noqa: E402
 
 CV_METRICS = {"logistic": "accuracy", "ridge": "r2", "circular": "circular_score"}
 # Defaults in ProbeConfig.l2 units. Ridge/circular add l2 to Z^T Z (a sum over rows, so useful values
@@ -103,7 +104,7 @@ class CVConfig(BaseModel):
     folds: int = Field(5, ge=2, description="outer folds; the reported mean/std are over these")
     inner_folds: int = Field(3, ge=2, description="grouped folds inside each outer training part, used "
                                                   "only to pick the grid value (skipped for a 1-value grid)")
-    seed: int = Field(0, ge=0, description="seed of the outer split; inner splits use seed + 1 + outer fold")
+    seed: Seed = Field(0, description="seed of the outer split; inner splits use seed + 1 + outer fold")
     grid: list[float] | None = Field(None, description="candidate ProbeConfig.l2 values (ridge/circular: "
                                                        "added to Z^T Z; logistic: l2/2 ||W||^2 on the mean "
                                                        "loss); None -> DEFAULT_GRIDS[kind]. Ties go to the "

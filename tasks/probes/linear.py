@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 ProbeKind = Literal["logistic", "ridge", "circular"]
 METRICS = {"logistic": "accuracy", "ridge": "r2", "circular": "angular_error_deg"}
 
@@ -33,7 +35,7 @@ class ProbeConfig(BaseModel):
     test_fraction: float = Field(0.2, ge=0, lt=1, description="share of examples held out for the "
                                                                "reported metric; 0 fits on every example "
                                                                "and reports no held-out score (nan)")
-    seed: int = Field(0, description="seed of the train/test split (and nothing else: the fits are "
+    seed: Seed = Field(0, description="seed of the train/test split (and nothing else: the fits are "
                                      "deterministic)")
     standardize: bool = Field(True, description="scale features to zero mean and unit variance (train "
                                                 "statistics) before fitting; directions are reported in "

@@ -32,6 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from interpflow.tasks.types import Seed
+
 Variant = Literal["relu", "topk", "batchtopk", "jumprelu", "archetypal", "relaxed_archetypal"]
 TOPK_FAMILY = ("topk", "batchtopk", "archetypal", "relaxed_archetypal")   # variants that use `k`
 
@@ -67,7 +69,7 @@ class SAEConfig(BaseModel):
                                                 "in normalised units (E||x||^2 = d_in)")
     n_candidates: int = Field(256, ge=2, description="archetypal: candidate points (k-means centroids "
                                                      "of the data) whose convex hull holds the atoms")
-    seed: int = Field(0, description="seeds the initial weights and the k-means of the candidates")
+    seed: Seed = Field(0, description="seeds the initial weights and the k-means of the candidates")
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:

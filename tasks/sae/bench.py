@@ -26,6 +26,8 @@ from .metrics import matched_cosine, pairwise_stability, recovery_report
 from .train import SAETrainConfig, SAETrainer, train_sae
 from .universal import UniversalSAEConfig, UniversalTrainConfig, co_firing, cross_r2, train_universal
 
+from interpflow.tasks.types import Seed
+
 
 def _rows(activations, half: Literal["all", "a", "b"] = "all") -> tuple[torch.Tensor, np.ndarray]:
     """All stored rows (or one half of the examples, split by a hash of the id) and their example ids."""
@@ -192,7 +194,7 @@ class UniversalStudy(BaseModel):
     lr: float = Field(1e-3, gt=0)
     min_self_ratio: float = Field(0.8, description="self R^2 must be at least this fraction of a single-model SAE's")
     names: tuple[str, str] = ("a", "b")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def paired_rows(a, b) -> list[torch.Tensor]:

@@ -13,6 +13,8 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
+
 
 class SyntheticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -23,7 +25,7 @@ class SyntheticConfig(BaseModel):
     coef_low: float = Field(0.5, ge=0, description="smallest code magnitude")
     coef_high: float = Field(1.5, gt=0, description="largest code magnitude")
     noise_std: float = Field(0.01, ge=0, description="Gaussian noise per coordinate")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticConfig:

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import SAEConfig, SparseAutoencoder, check_input, make_sae
 
+from interpflow.tasks.types import Seed
+
 
 class Schedule(BaseModel):
     """The optimisation schedule every SAE trainer shares (``lr_at`` reads it)."""
@@ -45,7 +47,7 @@ class SAETrainConfig(Schedule):
     normalize: Literal["scale", "none"] = Field("scale", description="scale: E||x||^2 = d_in; none: raw")
     init_rows: int = Field(16384, ge=1, description="rows used for input scale and data-dependent init")
     log_every: int = Field(100, ge=1, description="history record every this many steps (and the last)")
-    seed: int = Field(0, description="seeds batch order and init-row sampling")
+    seed: Seed = Field(0, description="seeds batch order and init-row sampling")
     device: str = Field("cpu", description="torch device the model trains on")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while training (restored "
                                                         "after); 1 is fastest for small SAEs on CPU")

@@ -50,6 +50,8 @@ from torch import nn
 from .base import check_input, check_sparsity
 from .train import DivergedError, Schedule, lr_at
 
+from interpflow.tasks.types import Seed
+
 
 class UniversalSAEConfig(BaseModel):
     """Architecture and loss of a Universal SAE over len(d_ins) models."""
@@ -69,7 +71,7 @@ class UniversalSAEConfig(BaseModel):
     aux_coeff: float = Field(1 / 32, ge=0, description="weight of the AuxK loss (0 disables it)")
     dead_steps: int = Field(200, ge=1, description="a latent that fired for no source in this many "
                                                    "training steps counts as dead (AuxK)")
-    seed: int = Field(0, description="seeds the initial weights")
+    seed: Seed = Field(0, description="seeds the initial weights")
 
     @model_validator(mode="after")
     def _check(self) -> UniversalSAEConfig:
@@ -318,7 +320,7 @@ class UniversalTrainConfig(Schedule):
                               "random: independent random atoms per model")
     init_rows: int = Field(16384, ge=1, description="rows used to estimate the input scales and to initialise")
     log_every: int = Field(100, ge=1, description="history record every this many steps (and the last)")
-    seed: int = Field(0, description="seeds batch order, init-row sampling and source draws")
+    seed: Seed = Field(0, description="seeds batch order, init-row sampling and source draws")
     device: str = Field("cpu", description="torch device the model trains on")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while training (restored after)")
 

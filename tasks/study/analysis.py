@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ATTRIBUTES, StudyConfig
 
+from interpflow.tasks.types import Seed
+
 REQUIRED = ("participant", "arm", "belief_pre", "belief_post")
 OPTIONAL = ("claim", "belief_final", "ai_rating", "trust", "unparseable")
 
@@ -28,7 +30,7 @@ class AnalysisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_boot: int = Field(2000, ge=100, description="bootstrap resamples per interval")
     ci: float = Field(0.95, gt=0, lt=1, description="confidence level of every interval")
-    seed: int = Field(0, ge=0, description="seeds the bootstrap")
+    seed: Seed = Field(0, description="seeds the bootstrap")
     contrasts: list[tuple[str, str]] = Field(
         [("bunk", "debunk"), ("debunk", "control"), ("bunk", "control")],
         description="pairs (a, b): mean change of arm a minus that of arm b")

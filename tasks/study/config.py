@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from interpflow.tasks.types import Seed
+
 Backend = Literal["rule", "local", "endpoint"]
 Stance = Literal["against", "for", "none"]
 STANCES: tuple[str, ...] = Stance.__args__
@@ -341,7 +343,7 @@ class StudyConfig(BaseModel):
     participant_max_tokens: int = Field(64, ge=1, description="longest participant reply, in tokens")
     participant_temperature: float = Field(0.7, ge=0, description="participant sampling temperature")
     rule: RuleParticipant = Field(default_factory=RuleParticipant, description="planted effects (rule backend)")
-    seed: int = Field(0, ge=0, description="seeds assignment, personas and every participant's noise")
+    seed: Seed = Field(0, description="seeds assignment, personas and every participant's noise")
 
     @field_validator("n_per_arm")
     @classmethod

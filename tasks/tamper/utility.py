@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 MC_COLUMNS = ("question", "options", "answer")
 LETTERS = string.ascii_uppercase
 
@@ -42,7 +44,7 @@ class UtilityConfig(BaseModel):
     max_questions: int | None = Field(200, ge=1, description="score a seeded random subset of this many "
                                                              "questions (None: all)")
     batch_size: int = Field(16, ge=1, description="(question, option) sequences per forward pass")
-    seed: int = Field(0, description="seeds the subset drawn when there are more than max_questions")
+    seed: Seed = Field(0, description="seeds the subset drawn when there are more than max_questions")
     system: str | None = Field(None, description="a system turn before the question (e.g. the system prompt "
                                                  "the model was aligned with); None: the user turn alone")
 

@@ -45,6 +45,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from interpflow.tasks.types import Seed
+
 World = Literal["wrap", "walls"]
 VIOLATIONS = ("teleport", "speed_change", "pass_through")
 VARIABLES = {"speed": "scalar", "accel": "scalar", "velocity": "vector2", "acceleration": "vector2",
@@ -77,7 +79,7 @@ class ClipConfig(BaseModel):
                                              "off the borders")
     impossible_rate: float = Field(0.0, ge=0, le=1, description="fraction of clips that get an "
                                                                 "impossible twin (appended after them)")
-    seed: int = Field(0, description="seed for numpy.random.SeedSequence")
+    seed: Seed = Field(0, description="seed for numpy.random.SeedSequence")
 
     @model_validator(mode="after")
     def _consistent(self) -> ClipConfig:

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from interpflow.tasks.probes.crossval import circular_score, grouped_folds
 from interpflow.tasks.probes.linear import ProbeConfig, _r2, fit_probe
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.ablation import KINDS, ablate
 from interpflow.tasks.video.clips import column, targets
 from interpflow.tasks.video.extract import aligned, forward_clips, read_pooled
@@ -41,7 +42,7 @@ class ReadoutConfig(StudyScope):
     eval_fraction: float = Field(0.25, gt=0, lt=1, description="share of scene groups held out as the clips "
                                                                "every intervention is scored on")
     max_eval_clips: int = Field(400, ge=10, description="cap on evaluation clips (each condition runs them)")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def readout_probes(cfg: ReadoutConfig, data, **activations) -> dict:

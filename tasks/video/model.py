@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import ClipConfig, column, make_clips, pixel_values
 
 OBJECTIVE_FILE = "objective.safetensors"
@@ -56,7 +57,7 @@ class VideoModelConfig(BaseModel):
                                                            "is learned only after a plateau of ~1500 steps, "
                                                            "which an early decay would stretch)")
     flow_weight: float = Field(1.0, ge=0, description="weight of the per-token next-step loss")
-    seed: int = Field(0, description="seeds the model init, its training clips and batch order")
+    seed: Seed = Field(0, description="seeds the model init, its training clips and batch order")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this process, if set")
 
     @model_validator(mode="after")
@@ -258,7 +259,7 @@ class RandomInitConfig(BaseModel):
     """The random-initialisation control: the study's model architecture with fresh weights."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: int = Field(12345, description="seeds the fresh weights")
+    seed: Seed = Field(12345, description="seeds the fresh weights")
 
 
 class _Reinitialised:

@@ -15,6 +15,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.probes.crossval import CVConfig, EmergenceConfig, LayerProbeConfig, emergence, probe_layer
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import VARIABLES, column, targets
 from interpflow.tasks.video.extract import aligned, read_pooled
 
@@ -38,7 +39,7 @@ class ProbeGrid(BaseModel):
                                                                    "logistic": [1e-4, 1e-3, 1e-2]},
                                           description="candidate l2 values per kind (ridge, circular, logistic)")
     control_repeats: int = Field(1, ge=0, description="label permutations for the shuffled control")
-    seed: int = 0
+    seed: Seed = 0
 
     def for_variable(self, variable: str) -> LayerProbeConfig:
         kind = probe_kind(variable)

@@ -20,6 +20,7 @@ from pydantic import Field
 from interpflow.tasks.probes.crossval import circular_score, grouped_folds
 from interpflow.tasks.probes.geometry import GeometryConfig, geometry_report, orthogonal_probe_dimensionality, principal_angles
 from interpflow.tasks.probes.linear import ProbeConfig, fit_probe
+from interpflow.tasks.types import Seed
 from interpflow.tasks.video.clips import column
 from interpflow.tasks.video.extract import PATCHES, aligned, read_patches, read_pooled
 from interpflow.tasks.video.probing import StudyScope
@@ -71,7 +72,7 @@ class PatchDecodingConfig(StudyScope):
     l2: float = Field(100.0, ge=0, description="ridge strength of each patch's circular probe (standardised)")
     folds: int = Field(5, ge=2, description="grouped folds for out-of-fold predictions")
     examples: int = Field(4, ge=0, description="example clips drawn in the figure")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def _out_of_fold_skill(cfg: PatchDecodingConfig, x: np.ndarray, theta: np.ndarray,

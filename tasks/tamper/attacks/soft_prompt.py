@@ -9,6 +9,7 @@ from pydantic import Field
 
 from interpflow.tasks.tamper.attacks.base import Attack, Tampered
 from interpflow.tasks.tamper.generation import Tampering, completion_loss
+from interpflow.tasks.types import Seed
 
 
 class EmbeddingAttack(Attack):
@@ -18,7 +19,7 @@ class EmbeddingAttack(Attack):
     steps: int = Field(80, ge=1)
     lr: float = Field(0.05, gt=0)
     prompts: int = Field(16, ge=1, description="training-pair requests the soft prompt is optimised on")
-    seed: int = 0
+    seed: Seed = 0
 
     def apply(self, model, world, workdir, run_training=None) -> Tampered:
         from interpflow.tasks.models import ModelConfig, load_model

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.types import Seed
+
 DEFENSES: dict[str, type["Defense"]] = {}
 
 
@@ -28,7 +30,7 @@ class Defense(BaseModel):
     layers: list[int] | None = Field(None, description="blocks whose representations the defense shapes "
                                                         "(null: the second half)")
     examples: int = Field(200, ge=8, description="harmful and benign texts drawn for training")
-    seed: int = 0
+    seed: Seed = 0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
