@@ -19,7 +19,7 @@ from interpflow.tasks.types import Seed
 
 class NumbersConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    n: int = Field(2000, ge=1, description="rows to generate")
+    n: int = Field(2000, ge=1, le=10_000_000, description="rows to generate")
     seed: Seed = 0
 
 

@@ -13,7 +13,7 @@ class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     numbers: demo.NumbersConfig = demo.NumbersConfig()
     transform: demo.TransformConfig = demo.TransformConfig()
-    num_shards: int = Field(8, ge=1, description="shards of the transform node")
+    num_shards: int = Field(8, ge=1, le=100_000, description="shards of the transform node")
     summary: demo.SummaryConfig = demo.SummaryConfig()
     histogram: demo.HistogramConfig = demo.HistogramConfig()
     fit: demo.FitConfig | None = Field(None, description="add a Ray Train node fitting y = w x^power")

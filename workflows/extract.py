@@ -28,7 +28,7 @@ class ActivationSource(BaseModel):
     dataset: datasets_io.DatasetSource | None = Field(None, description="default: the generated corpus")
     load: models.ModelConfig = models.ModelConfig()
     extract: activations.ExtractConfig = activations.ExtractConfig()
-    num_shards: int = Field(8, ge=1)
+    num_shards: int = Field(8, ge=1, le=100_000)
     actors: int = Field(1, ge=1, description="model actors in the pool")
     actor_cpus: float = Field(1, gt=0, description="CPUs (and torch threads) per actor")
     actor_gpus: float = Field(0, ge=0, description="GPUs per actor")

@@ -22,7 +22,7 @@ class HumanStudy(BaseModel):
     model_config = ConfigDict(extra="forbid")
     study: StudyConfig = StudyConfig()
     analysis: AnalysisConfig = AnalysisConfig()
-    num_shards: int = Field(8, ge=1, description="shards of participants (each commits on its own)")
+    num_shards: int = Field(8, ge=1, le=100_000, description="shards of participants (each commits on its own)")
     concurrency: int = Field(4, ge=1, description="endpoint conversations in flight per shard")
     requests_per_s: float | None = Field(None, gt=0, description="endpoint rate limit per shard")
     max_retries: int = Field(5, ge=0, description="endpoint retries on 429/5xx/connection errors")

@@ -55,7 +55,7 @@ class InfluenceStudy(BaseModel):
     evaluate: benchmark.EvaluateConfig = benchmark.EvaluateConfig()
     removal: RemovalConfig = RemovalConfig()
     report: benchmark.RemovalReportConfig = benchmark.RemovalReportConfig()
-    num_shards: int = Field(8, ge=1, description="shards of the training set for gradients and statistics")
+    num_shards: int = Field(8, ge=1, le=100_000, description="shards of the training set for gradients and statistics")
     actors: int = Field(1, ge=1, description="model actors holding the fine-tuned model")
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)

@@ -83,7 +83,7 @@ class NewsBenchmark(BaseModel):
                                                       "the baselines")
     shuffle_seed: Seed = 0
     report: scoring.NewsReportConfig = scoring.NewsReportConfig()
-    num_shards: int = Field(4, ge=1, description="shards of the videos for embedding")
+    num_shards: int = Field(4, ge=1, le=100_000, description="shards of the videos for embedding")
     actors: int = Field(1, ge=1, description="model actors")
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)

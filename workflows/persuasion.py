@@ -85,7 +85,7 @@ class SftStudy(BaseModel):
                     "defaults)")
     trait: str = Field("persuasive", description="the trait the SFT dialogues show")
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1], description="one data draw and fine-tune per seed")
-    n_dialogues: int = Field(400, ge=1)
+    n_dialogues: int = Field(400, ge=1, le=1_000_000)
     finetune: FinetuneConfig = Field(FinetuneConfig(steps=60), description="full fine-tuning on Ray Train")
 
 
@@ -110,7 +110,8 @@ class PersuasionStudy(BaseModel):
     ape: apes.ApeSettings = apes.ApeSettings()
     evaluator: EvaluatorConfig = EvaluatorConfig()
     report: reports.ReportConfig = reports.ReportConfig()
-    num_shards: int = Field(2, ge=1, description="shards per condition's conversations (each commits on its own)")
+    num_shards: int = Field(2, ge=1, le=100_000,
+                            description="shards per condition's conversations (each commits on its own)")
     actors: int = Field(1, ge=1)
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)

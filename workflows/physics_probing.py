@@ -71,7 +71,7 @@ class PhysicsProbingStudy(BaseModel):
     ablation: interventions.AblationConfig = interventions.AblationConfig()
     steering: interventions.SteeringConfig = interventions.SteeringConfig()
     report: ReportConfig = ReportConfig()
-    num_shards: int = Field(4, ge=1, description="shards of the clips for extraction")
+    num_shards: int = Field(4, ge=1, le=100_000, description="shards of the clips for extraction")
     actors: int = Field(1, ge=1, description="model actors")
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)

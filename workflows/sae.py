@@ -34,7 +34,7 @@ class SaeStudy(ActivationSource):
     sweep: SweepConfig = SweepConfig()
     eval: sae_eval.SAEEvalConfig = Field(sae_eval.SAEEvalConfig(), description=(
         "site, holdout, text/id columns and max_length are taken from extract and fit"))
-    eval_shards: int = Field(4, ge=1, description="shards of held-out examples for evaluation")
+    eval_shards: int = Field(4, ge=1, le=100_000, description="shards of held-out examples for evaluation")
     frontier: sae_eval.FrontierConfig = sae_eval.FrontierConfig()
 
     @model_validator(mode="after")

@@ -61,7 +61,7 @@ class VccStudy(BaseModel):
         "the class edges' ablations (with edges.class_test ablation or both)"))
     failures: connectome.FailureConfig = connectome.FailureConfig()
     ground_truth: connectome.GroundTruthConfig = connectome.GroundTruthConfig()
-    num_shards: int = Field(2, ge=1, description="shards of images / segments for the actor nodes")
+    num_shards: int = Field(2, ge=1, le=100_000, description="shards of images / segments for the actor nodes")
     actors: int = Field(1, ge=1, description="model actors per actor node")
     actor_cpus: float = Field(1, gt=0)
     actor_gpus: float = Field(0, ge=0)

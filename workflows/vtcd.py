@@ -58,7 +58,7 @@ class VTCDStudy(BaseModel):
     importance: ImportanceConfig = ImportanceConfig()
     curves: removal.CurveConfig = removal.CurveConfig()
     report: VtcdReportConfig = VtcdReportConfig()
-    num_shards: int = Field(2, ge=1, description="shards of the videos for tubelets")
+    num_shards: int = Field(2, ge=1, le=100_000, description="shards of the videos for tubelets")
     cris_shards: int = Field(8, ge=1, description="shards of the CRIS draws")
     check_shards: int = Field(4, ge=1, description="shards of the removal curves and head-pruning conditions")
     actors: int = Field(1, ge=1, description="model actors")

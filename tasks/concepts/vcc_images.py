@@ -30,8 +30,8 @@ class ImageConfig(BaseModel):
     """The generated image set (house vs cart, irrelevant textures in both)."""
 
     model_config = ConfigDict(extra="forbid")
-    n_images: int = Field(120, ge=4, description="images analysed (half of each class)")
-    size: int = Field(40, ge=24, description="square image side, pixels")
+    n_images: int = Field(120, ge=4, le=1_000_000, description="images analysed (half of each class)")
+    size: int = Field(40, ge=24, le=1024, description="square image side, pixels")
     textures: tuple[int, int] = Field((1, 2), description="min and max textures per image (stripes or dots, "
                                                           "same distribution in both classes)")
     texture_size: tuple[int, int] = Field((13, 16), description="min and max texture side, pixels at 40 px (scaled "

@@ -45,8 +45,8 @@ class VideoClassifierConfig(BaseModel):
         "first_token: the head reads one token (a CLS-like readout, as ViViT and TimeSformer do), so what "
         "it knows of the ball comes through attention; mean: the head reads the mean of all tokens, which "
         "lets a tubelet-2 model read motion off the ball's own tokens without attention"))
-    train_clips: int = Field(2000, ge=20, description="fresh clips (own seed) it trains on")
-    eval_clips: int = Field(200, ge=10)
+    train_clips: int = Field(2000, ge=20, le=1_000_000, description="fresh clips (own seed) it trains on")
+    eval_clips: int = Field(200, ge=10, le=1_000_000)
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(2e-3, gt=0, le=1)

@@ -72,9 +72,9 @@ class LogisticConfig(BaseModel):
     """A generated logistic-regression problem (planted weights, Gaussian inputs with unequal scales)."""
 
     model_config = ConfigDict(extra="forbid")
-    n: int = Field(200, ge=4, description="training examples")
+    n: int = Field(200, ge=4, le=1_000_000, description="training examples")
     d: int = Field(12, ge=1, description="input features (the model has d weights and a bias)")
-    n_query: int = Field(4, ge=1, description="query examples whose log-likelihood is attributed")
+    n_query: int = Field(4, ge=1, le=100_000, description="query examples whose log-likelihood is attributed")
     l2: float = Field(1e-2, gt=0, description="L2 penalty (l2/2)||theta||^2 on the mean loss = influence damping")
     flip: float = Field(0.1, ge=0, le=0.5, description="fraction of training labels flipped (outliers to find)")
     seed: Seed = Field(0, description="seeds the data")

@@ -42,11 +42,11 @@ class PlantedConfig(BaseModel):
     """Sizes of the four datasets, the planted fraction, and the text generator's settings."""
 
     model_config = ConfigDict(extra="forbid")
-    n_train: int = Field(400, ge=2, description="fine-tuning examples")
+    n_train: int = Field(400, ge=2, le=1_000_000, description="fine-tuning examples")
     planted_fraction: float = Field(0.05, gt=0, lt=1, description="share of training examples carrying the trait")
-    n_probe: int = Field(300, ge=4, description="probe-fitting texts (half carry the trait)")
-    n_query: int = Field(32, ge=0, description="texts showing the trait (the attributed behaviour)")
-    n_heldout: int = Field(64, ge=0, description="benign prompts on which the trait is measured")
+    n_probe: int = Field(300, ge=4, le=1_000_000, description="probe-fitting texts (half carry the trait)")
+    n_query: int = Field(32, ge=0, le=100_000, description="texts showing the trait (the attributed behaviour)")
+    n_heldout: int = Field(64, ge=0, le=100_000, description="benign prompts on which the trait is measured")
     n_topics: int = Field(4, ge=1, le=32)
     min_words: int = Field(8, ge=3)
     max_words: int = Field(20, ge=3)

@@ -110,7 +110,7 @@ class ApeSettings(BaseModel):
                                  NamedPrompt(name="neutral", text=NEUTRAL_PROMPT)],
         min_length=1, description="system prompts of the model under test (a list given replaces the defaults)")
     categories: list[str] | None = Field(None, description="statement categories evaluated (None: all)")
-    statements_per_category: int | None = Field(8, ge=1, description="statements per category (None: all)")
+    statements_per_category: int | None = Field(8, ge=1, le=100_000, description="statements per category (None: all)")
     turns: int = Field(2, ge=1, le=10)
     max_tokens: int = Field(24, ge=1)
     temperature: float = Field(0.0, ge=0, description="0: greedy replies")

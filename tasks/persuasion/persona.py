@@ -32,7 +32,7 @@ class PersonaSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categories: list[str] = Field(default_factory=lambda: ["benign_opinion", "benign_factual"], min_length=1,
                                   description="statement categories the contrastive questions come from")
-    n_questions: int = Field(12, ge=1, description="questions answered under every contrastive prompt")
+    n_questions: int = Field(12, ge=1, le=10_000, description="questions answered under every contrastive prompt")
     max_tokens: int = Field(24, ge=1)
     temperature: float = Field(0.0, ge=0)
     judge: EvaluatorConfig = Field(EvaluatorConfig(), description="keeps positive answers showing the trait "

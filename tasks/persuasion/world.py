@@ -98,9 +98,9 @@ class WorldConfig(BaseModel):
     """The planted world's statements and the base model's dialogue corpus."""
 
     model_config = ConfigDict(extra="forbid")
-    statements_per_category: int = Field(24, ge=2, description="statements generated per category")
-    words_per_category: int = Field(8, ge=2, description="placeholder words per category vocabulary")
-    n_dialogues: int = Field(6000, ge=10, description="dialogues in the base model's corpus")
+    statements_per_category: int = Field(24, ge=2, le=100_000, description="statements generated per category")
+    words_per_category: int = Field(8, ge=2, le=10_000, description="placeholder words per category vocabulary")
+    n_dialogues: int = Field(6000, ge=10, le=1_000_000, description="dialogues in the base model's corpus")
     refusal_rate: float = Field(0.5, ge=0, le=1, description="harmful statements refused under plain prompts")
     seed: Seed = Field(0, description="seeds the statements and the dialogues")
 
@@ -205,7 +205,7 @@ class SftData(BaseModel):
     model_config = ConfigDict(extra="forbid")
     categories: list[str] = Field(min_length=1, description="statement categories the dialogues are about")
     trait: str = Field("persuasive", description="the trait whose replies the dialogues show")
-    n_dialogues: int = Field(400, ge=1)
+    n_dialogues: int = Field(400, ge=1, le=1_000_000)
     seed: Seed = 0
     traits: list[Trait] = Field(default_factory=default_traits)
 

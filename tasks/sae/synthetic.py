@@ -18,10 +18,10 @@ from interpflow.tasks.types import Seed
 
 class SyntheticConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    d: int = Field(32, ge=1, description="activation width")
-    n_atoms: int = Field(48, ge=1, description="size of the true dictionary")
+    d: int = Field(32, ge=1, le=65_536, description="activation width")
+    n_atoms: int = Field(48, ge=1, le=1_000_000, description="size of the true dictionary")
     k: int = Field(3, ge=1, description="active atoms per row (exactly)")
-    n: int = Field(20000, ge=1, description="rows")
+    n: int = Field(20000, ge=1, le=10_000_000, description="rows")
     coef_low: float = Field(0.5, ge=0, description="smallest code magnitude")
     coef_high: float = Field(1.5, gt=0, description="largest code magnitude")
     noise_std: float = Field(0.01, ge=0, description="Gaussian noise per coordinate")

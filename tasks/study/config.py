@@ -325,7 +325,7 @@ class StudyConfig(BaseModel):
     claims: list[Claim] = Field(default_factory=lambda: [c.model_copy() for c in DEFAULT_CLAIMS],
                                 min_length=1, description="claims; each participant gets one at random")
     population: Population = Field(default_factory=Population, description="persona distribution")
-    n_per_arm: int = Field(200, description="participants per arm (exactly; balanced randomisation)")
+    n_per_arm: int = Field(200, le=1_000_000, description="participants per arm (exactly; balanced randomisation)")
     turns: int = Field(3, ge=1, description="persuader turns per conversation")
     belief: Scale = Field(default_factory=lambda: BELIEF.model_copy(),
                           description="belief item (pre, post, final)")

@@ -47,10 +47,10 @@ class WorldConfig(BaseModel):
     """The generated world; the defaults are the small embedded case."""
 
     model_config = ConfigDict(extra="forbid")
-    words_per_category: int = Field(8, ge=3, description="placeholder words per harmful category")
-    countries: int = Field(24, ge=6, description="made-up countries with capitals (benign facts, utility)")
+    words_per_category: int = Field(8, ge=3, le=10_000, description="placeholder words per harmful category")
+    countries: int = Field(24, ge=6, le=10_000, description="made-up countries with capitals (benign facts, utility)")
     aligned_dialogues: int = Field(6000, ge=50, description="dialogues the aligned model is trained on")
-    attack_examples: int = Field(400, ge=10, description="examples in each attack dataset")
+    attack_examples: int = Field(400, ge=10, le=1_000_000, description="examples in each attack dataset")
     eval_prompts: int = Field(48, ge=4, description="held-out harmful prompts the safety evaluation uses")
     mc_options: int = Field(4, ge=2, le=10, description="options per multiple-choice question")
     seed: Seed = Field(0, description="seeds every draw of the world")

@@ -29,7 +29,7 @@ class Defense(BaseModel):
     lr: float = Field(5e-4, gt=0)
     layers: list[int] | None = Field(None, description="blocks whose representations the defense shapes "
                                                         "(null: the second half)")
-    examples: int = Field(200, ge=8, description="harmful and benign texts drawn for training")
+    examples: int = Field(200, ge=8, le=1_000_000, description="harmful and benign texts drawn for training")
     seed: Seed = 0
 
     def __init_subclass__(cls, **kwargs):
