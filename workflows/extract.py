@@ -102,7 +102,8 @@ def site_widths(cfg: ActivationSource) -> dict[str, int]:
         models.check_dtype(cfg.load.dtype, device)
     except ValueError as exc:
         raise ValueError(f"load: {exc}") from None
-    if cfg.dataset is not None:
+    if cfg.dataset is not None:  # a local data file is read row by row first: it names a bad line, not a loader error
+        datasets_io.check_source(cfg.dataset, text_columns=(cfg.extract.text_column,), id_column=cfg.extract.id_column)
         activations.check_dataset(cfg.extract, datasets_io.load_source(cfg.dataset))
     return {site.name: sites.width(site) for site in resolved}
 

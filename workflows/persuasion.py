@@ -242,6 +242,8 @@ def validate(cfg: PersuasionStudy) -> None:
             if width is not None and found[site].shape[0] != width:
                 raise ValueError(f"persona_vectors.{trait}: the vector for {site} has {found[site].shape[0]} "
                                  f"entries but the model's residual stream has width {width}")
+    if cfg.statements is not None:
+        datasets_io.check_source(cfg.statements, "statements.path", text_columns=("statement",), columns=("category",))
     known = set(planted.CATEGORIES) if cfg.statements is None else \
         set(planted.load_statements(cfg.statements)["category"])
     filters = [("ape.categories", cfg.ape.categories or []), ("persona.categories", cfg.persona.categories)]

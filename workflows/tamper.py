@@ -19,7 +19,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from interpflow.tasks import models, tiny_lm
+from interpflow.tasks import datasets_io, models, tiny_lm
 from interpflow.tasks.tamper import aggregate as agg
 from interpflow.tasks.tamper import judges as judging
 from interpflow.tasks.tamper import world as tamper_world
@@ -327,6 +327,8 @@ def validate(cfg: TamperStudy) -> None:
     a given model exists, latent/ablation layers fit the model."""
     judging.check_judge(cfg.judge)
     if cfg.utility.source is not None:
+        source = datasets_io.DatasetSource(path=cfg.utility.source, split=cfg.utility.split)
+        datasets_io.check_source(source, "utility.source", text_columns=("question",), columns=("options", "answer"))
         load_mc_dataset(cfg.utility)
     n_blocks = cfg.lm.n_layer
     if cfg.model is not None:
