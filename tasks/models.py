@@ -44,11 +44,55 @@ def model_identity(path_or_id: str, revision: str | None = None) -> dict[str, st
     return {"id": path_or_id, "revision": revision or "main"}
 
 
+# Weight files `from_pretrained` reads (one file, or the shards an index names).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_weights(folder: str | Path, field: str = "model.path") -> None:
+    """A local model folder holds weights that will load: a weight file or every shard its index names, and
+    every `*.safetensors` file a valid one (its header parsed and its tensors inside the file: reads the
+    header only). Raises FileNotFoundError / ValueError naming `field`, the file and the fix."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder).expanduser()
+    shards: set[str] = set()
+    for index in WEIGHT_INDEXES:
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                shards |= {str(v) for v in weight_map.values()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{field}: {folder / index} is not a valid weight index (no readable weight_map): "
+                                 "re-save or re-download the model") from None
+    missing = sorted(name for name in shards if not (folder / name).is_file())
+    if missing:
+        raise FileNotFoundError(f"{field}: '{folder}' lacks weight shard(s) {missing[:3]}"
+                                f"{' and more' if len(missing) > 3 else ''} named by its index: re-save or "
+                                "re-download the model")
+    if not shards and not any((folder / name).is_file() for name in WEIGHT_FILES) \
+            and not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{field}: '{folder}' has a config.json but no weights (model.safetensors or "
+                                "pytorch_model.bin): save the model with save_pretrained, or re-download it")
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as exc:
+            reason = " ".join(str(exc).split()).removeprefix("Error while deserializing header: ")
+            raise ValueError(f"{field}: {file} is not a valid safetensors file ({reason}): re-save or "
+                             "re-download the model") from None
+
+
 def check_model_source(path_or_id: str) -> None:
-    """Fail early, and clearly, for a model that cannot be loaded here."""
+    """Fail early, and clearly, for a model that cannot be loaded here: a local folder needs a config.json and
+    intact weights (`check_weights`); a hub id must be in the cache when offline."""
     if is_local(path_or_id):
         if not (Path(path_or_id).expanduser() / "config.json").exists():
             raise FileNotFoundError(f"model path '{path_or_id}' has no config.json: not a Hugging Face model folder")
+        check_weights(path_or_id)
         return
     looks_like_path = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
     if looks_like_path:
