@@ -137,7 +137,8 @@ def build_app(model: str, cfg: ModelConfig | None = None, api_key_env: str | Non
               served_name: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
               threads: int | None = None) -> Application:
     """The Serve application for `model` (a local HF folder or hub id). Checks the model source and the key's
-    environment variable now, in the caller's process, before anything is deployed."""
+    environment variable now, in the caller's process, before anything is deployed. `served_name` is the model
+    id clients see (default `default_served_name(model)`: a folder's base name, or the hub id)."""
     from interpflow.tasks.models import check_model_source
 
     check_model_source(model)
@@ -151,7 +152,19 @@ def build_app(model: str, cfg: ModelConfig | None = None, api_key_env: str | Non
     cfg = cfg or ModelConfig()
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     return ChatModel.options(ray_actor_options=options).bind(
-        model, cfg.model_dump(), digest, served_name or model, threads)
+        model, cfg.model_dump(), digest, served_name or default_served_name(model), threads)
+
+
+def default_served_name(model: str) -> str:
+    """The id GET /v1/models shows: a local folder's base name (never its absolute path, which would tell
+    every client where the model lives on the server), else the hub id."""
+    from pathlib import Path
+
+    from interpflow.tasks.models import is_local
+
+    if is_local(model):
+        return Path(model).expanduser().resolve().name or "model"
+    return model
 
 
 def start(model: str, host: str = "127.0.0.1", port: int = 8000, *, cfg: ModelConfig | None = None,

@@ -231,7 +231,8 @@ def test_serve_rejects_a_wrong_key_and_bad_requests(served, monkeypatch):
     assert no_key.value.code == 401
     request = urllib.request.Request(f"{url}/models", headers={"Authorization": "Bearer sk-serve-right"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        assert json.loads(response.read())["data"][0]["object"] == "model"
+        listed = json.loads(response.read())["data"][0]
+    assert listed["object"] == "model" and listed["id"] == "lm"      # the folder's name, never its absolute path
     bad = urllib.request.Request(f"{url}/chat/completions", data=json.dumps({"messages": []}).encode(), method="POST",
                                  headers={"Authorization": "Bearer sk-serve-right", "Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as info:
