@@ -3,6 +3,6 @@
 The notebook API lives here; the CLI (``interpflow``) is a thin layer over it.
 """
 
-from interpflow.workflows.api import RunHandle, load_spec, open_run, resume, run
+from interpflow.workflows.api import RunHandle, load_spec, open_run, resume, run, verify
 
-__all__ = ["RunHandle", "load_spec", "open_run", "resume", "run"]
+__all__ = ["RunHandle", "load_spec", "open_run", "resume", "run", "verify"]

@@ -75,6 +75,27 @@ def test_a_truncated_file_fails_the_cheap_check(tmp_path):
     assert store.committed(directory) is None
 
 
+def test_a_same_size_rewrite_fails_the_cheap_check(tmp_path):
+    store = Store(tmp_path)
+    directory = store.node_path("n", "k")
+    store.commit(directory, {"output": pa.table({"a": list(range(100))})}, {"node": "n", "key": "k"})
+    path = tmp_path / "n" / "k" / "output.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, new mtime: re-hashed, and the hash differs
+    manifest, damage = store.inspect(directory)
+    assert manifest is None and damage == "output.parquet: sha256 differs from the manifest"
+
+
+def test_a_store_copied_without_times_is_still_committed(tmp_path):
+    store = Store(tmp_path)
+    directory = store.node_path("n", "k")
+    store.commit(directory, {"output": pa.table({"a": list(range(100))})}, {"node": "n", "key": "k"})
+    path = tmp_path / "n" / "k" / "output.parquet"
+    os.utime(path, ns=(1, 1))  # what `cp -r` does to every file: the mtime moves, the bytes do not
+    assert store.committed(directory) is not None
+
+
 def test_a_same_size_corruption_is_caught_by_checksum_on_read(tmp_path):
     store = Store(tmp_path)
     directory = store.node_path("n", "k")
@@ -82,8 +103,10 @@ def test_a_same_size_corruption_is_caught_by_checksum_on_read(tmp_path):
     path = tmp_path / "n" / "k" / "output.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
+    stat = path.stat()
     path.write_bytes(bytes(data))
-    assert store.committed(directory) is not None  # sizes still match...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot under the same size and mtime
+    assert store.committed(directory) is not None  # the cheap check cannot see it...
     with pytest.raises(CorruptArtifact) as err:  # ...but the reader checks sha256
         store.load(directory, manifest)
     assert err.value.node == "n" and err.value.key == "k"

@@ -9,6 +9,7 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,13 @@ from pydantic import BaseModel
 
 from interpflow.workflows.engine.graph import Graph
 from interpflow.workflows.engine.lineage import Lineage, code_version
-from interpflow.workflows.engine.record import RunRecord, new_run_id
+from interpflow.workflows.engine.record import RunRecord, check_run_id, new_run_id, reap_orphans
 from interpflow.workflows.engine.runner import Runner
 from interpflow.workflows.engine.settings import RunSettings
 from interpflow.workflows.engine.store import Store
-from interpflow.workflows.spec import Spec, load_spec, workflow_of_config
+from interpflow.workflows.spec import Spec, check_settings, load_spec, workflow_of_config
 
-__all__ = ["RunHandle", "load_spec", "resume", "run", "run_graph"]
+__all__ = ["RunHandle", "VerifyReport", "load_spec", "resume", "run", "run_graph", "verify"]
 
 
 class RunHandle:
@@ -95,12 +96,15 @@ def run_graph(graph: Graph, settings: RunSettings | None = None, *, workflow: st
     """Run (or, given an existing `run_id`, resume) a graph built in code."""
     settings = settings or RunSettings()
     store = Store(settings.resolved_store())
-    if run_id is not None and store.fs.get_file_info(store.path("runs", run_id, "record.json")).type.name == "File":
+    if run_id is not None and RunRecord.exists(store, check_run_id(run_id)):
         record = RunRecord.load(store, run_id)
     else:
         record = RunRecord.create(store, run_id or new_run_id(workflow), workflow, spec or {}, config or {},
-                                  settings.model_dump(mode="json"))
+                                  settings.model_dump(mode="json") | {"store": store.uri})
     lineage = _open_lineage(settings)
+    for orphan, open_runs in reap_orphans(store):  # runs whose driver died: killed, in MLflow too
+        if lineage is not None and orphan.data.get("tracking_uri") == lineage.uri:
+            lineage.mark_killed(open_runs)
     record.data["code"] = code_version()
     if lineage is not None:
         record.data["mlflow_run_id"] = lineage.start_parent(
@@ -135,14 +139,20 @@ def open_store(store: str | None = None) -> Store:
 
 
 def resume(run_id: str, store: str | None = None, progress: bool | None = None) -> RunHandle:
-    """Re-run a recorded spec run: committed nodes and shards are reused, the rest runs."""
+    """Re-run a recorded spec run: committed nodes and shards are reused, the rest runs.
+
+    The run resumes in the store its record was found in (a store moved or mounted elsewhere stays one
+    store), with MLflow beside it unless the run named a tracking URI of its own."""
     st = open_store(store)
     record = RunRecord.load(st, run_id)
     if not record.data.get("spec"):
         raise ValueError(f"run {run_id} was started from a graph in code; resume it with "
                          "run_graph(graph, settings, run_id=...)")
-    spec = load_spec(record.data["spec"])
-    spec.settings = RunSettings(**record.data["settings"])
+    spec = load_spec(record.data["spec"], check_store=False)
+    recorded = dict(record.data.get("settings") or {})
+    recorded["store"] = st.uri  # a recorded tracking_uri of None keeps MLflow beside this store
+    spec.settings = RunSettings(**{k: v for k, v in recorded.items() if k in RunSettings.model_fields})
+    check_settings(spec.settings)
     return run(spec, run_id=run_id, progress=progress)
 
 
@@ -154,3 +164,52 @@ def open_run(run_id: str, store: str | None = None) -> RunHandle:
 
 def load_record(run_id: str, store: str | None = None) -> RunRecord:
     return RunRecord.load(open_store(store), run_id)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked and what it set aside."""
+
+    commits: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    quarantined: list[dict] = field(default_factory=list)  # {"path", "reason", "moved_to"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.quarantined
+
+
+def verify(run_id: str | None = None, store: str | None = None) -> VerifyReport:
+    """Check every sha256 of a run's committed nodes (or of every commit in the store) and quarantine
+    what is damaged, a damaged shard alone, so that the next run recomputes exactly that."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    st = open_store(store)
+    started = time.time()
+    if run_id is not None:
+        record = RunRecord.load(st, run_id)
+        directories = [st.node_path(name, state["key"]) for name, state in record.nodes.items()]
+    else:
+        directories = []
+        for node_dir in st.fs.get_file_info(pafs.FileSelector(st.root, allow_not_found=True)):
+            if node_dir.type != pafs.FileType.Directory or node_dir.base_name.startswith(".") \
+                    or node_dir.base_name == "runs":
+                continue
+            directories += [info.path for info in st.fs.get_file_info(pafs.FileSelector(node_dir.path))
+                            if info.type == pafs.FileType.Directory]
+    report = VerifyReport()
+    for directory in directories:
+        if st.read_manifest(directory) is None:
+            continue  # never committed (a failed or pending node): nothing to verify
+        files, damaged = st.damaged_parts(directory)
+        report.commits += 1
+        report.files += files
+        for where, reason in damaged:
+            moved = st.set_aside(where)
+            report.quarantined.append({"path": where[len(st.root):].strip("/"), "reason": reason,
+                                       "moved_to": moved[-1] if moved else None})
+    report.seconds = time.time() - started
+    return report

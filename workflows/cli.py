@@ -16,7 +16,8 @@ from rich.table import Table
 
 from interpflow.workflows import api
 from interpflow.workflows.engine.keys import diff_parts
-from interpflow.workflows.engine.record import RunRecord
+from interpflow.workflows.engine.record import RecordError, RunRecord, check_run_id
+from interpflow.workflows.engine.store import StoreError
 from interpflow.workflows.spec import SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -36,13 +37,17 @@ def _store_overrides(store: str | None) -> list[str]:
     return [f"run.store={store}"] if store else []
 
 
+# What a user can fix: a bad run id or node name, a missing or damaged record, a store path that leads out.
+INPUT_ERRORS = (RecordError, StoreError, SpecError, KeyError, FileNotFoundError, ValueError)
+
+
 def _fmt_shards(s: dict | None) -> str:
     return "" if not s else f"{s.get('ran', 0)} ran / {s.get('cached', 0)} cached / {s.get('total', 0)}"
 
 
 def print_summary(handle: api.RunHandle) -> None:
     record = handle.record
-    table = Table(title=f"run {record.run_id}: {record.data['status']}")
+    table = Table(title=f"run {record.run_id}: {record.status}")
     for col in ("node", "status", "shards", "rows", "seconds", "key"):
         table.add_column(col, overflow="fold")
     colours = {"ran": "green", "cached": "cyan", "failed": "red", "skipped": "yellow"}
@@ -55,11 +60,14 @@ def print_summary(handle: api.RunHandle) -> None:
     for name, s in record.nodes.items():
         if s["status"] == "failed":
             out.print(f"[red]{name} failed:[/] {s['error']}  (full traceback: interpflow status {record.run_id})")
+        for q in s.get("quarantined") or []:
+            out.print(f"[yellow]{q['path']} was damaged ({q['reason']}): set aside and recomputed[/]",
+                      highlight=False)
     out.print(f"outputs: {handle.store.uri}/<node>/<key>   (open: interpflow show {record.run_id} NODE)")
     if record.data.get("mlflow_run_id"):
         out.print(f"MLflow run: {record.data['mlflow_run_id']} at {record.data.get('tracking_uri')} "
                   f"(browse: mlflow ui --backend-store-uri {record.data.get('tracking_uri')})")
-    if record.data["status"] != "succeeded":
+    if record.status != "succeeded":
         out.print(f"resume after fixing: interpflow resume {record.run_id}")
 
 
@@ -71,8 +79,10 @@ def run(spec: str = typer.Argument(..., help="spec file, or a bundled spec name 
         progress: bool = typer.Option(True, help="show progress bars")) -> None:
     """Run a workflow spec; committed nodes are reused from the store."""
     try:
+        if run_id is not None:
+            check_run_id(run_id)
         loaded = load_spec(spec, list(overrides or []) + _store_overrides(store))
-    except SpecError as exc:
+    except (SpecError, RecordError) as exc:
         _fail_input(str(exc))
     handle = api.run(loaded, run_id=run_id, progress=progress)
     print_summary(handle)
@@ -85,16 +95,20 @@ def resume(run_id: str, store: Optional[str] = STORE_OPT,
     """Resume a run: only nodes and shards that are not committed run again."""
     try:
         handle = api.resume(run_id, store, progress=progress)
-    except (FileNotFoundError, SpecError, ValueError) as exc:
-        _fail_input(str(exc))
+    except INPUT_ERRORS as exc:
+        _fail_input(str(exc).strip("'\""))
     print_summary(handle)
     raise typer.Exit(0 if handle.ok else 1)
 
 
 def _record(run_id: str | None, store: str | None) -> RunRecord:
+    """The run's record, or exit 2 with one line (no such run, a bad run id, a damaged record)."""
     st = api.open_store(store)
     if run_id:
-        return RunRecord.load(st, run_id)
+        try:
+            return RunRecord.load(st, run_id)
+        except INPUT_ERRORS as exc:
+            _fail_input(str(exc))
     records = RunRecord.list(st)
     if not records:
         _fail_input(f"no runs in store {st.uri}")
@@ -105,17 +119,14 @@ def _record(run_id: str | None, store: str | None) -> RunRecord:
 def status(run_id: Optional[str] = typer.Argument(None, help="run id (default: the latest run)"),
            store: Optional[str] = STORE_OPT) -> None:
     """Per-node state of a run, with the traceback of every failed node."""
-    try:
-        record = _record(run_id, store)
-    except FileNotFoundError as exc:
-        _fail_input(str(exc))
+    record = _record(run_id, store)
     handle = api.RunHandle(api.open_store(store), record)
     print_summary(handle)
     for name, s in record.nodes.items():
         if s.get("traceback"):
             out.print(f"\n[bold red]--- {name} traceback ---[/]")
             out.print(s["traceback"], markup=False, highlight=False)
-    raise typer.Exit(0 if record.data["status"] == "succeeded" else 1)
+    raise typer.Exit(0 if record.status == "succeeded" else 1)
 
 
 @app.command("ls")
@@ -125,11 +136,16 @@ def list_runs(store: Optional[str] = STORE_OPT) -> None:
     table = Table(title=f"runs in {st.uri}")
     for col in ("run", "workflow", "status", "ran", "cached", "failed"):
         table.add_column(col)
-    for record in RunRecord.list(st):
+    records, broken = RunRecord.scan(st)
+    for record in records:
         states = [s["status"] for s in record.nodes.values()]
-        table.add_row(record.run_id, record.data["workflow"], record.data["status"],
+        table.add_row(record.run_id, record.data["workflow"], record.status,
                       *(str(states.count(k)) for k in ("ran", "cached", "failed")))
+    for run_id, _ in broken:
+        table.add_row(run_id, "?", "[red]unreadable[/]", "", "", "")
     out.print(table)
+    for run_id, problem in broken:
+        err.print(f"[yellow]{run_id}:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 def explain_node(record: RunRecord, node: str, store: str | None = None) -> list[str]:
@@ -174,7 +190,7 @@ def explain(run_id: str, node: str, store: Optional[str] = STORE_OPT) -> None:
     """Which key part of NODE changed versus the last run that computed it."""
     try:
         lines = explain_node(_record(run_id, store), node, store)
-    except (KeyError, FileNotFoundError) as exc:
+    except INPUT_ERRORS as exc:
         _fail_input(str(exc).strip("'\""))
     for line in lines:
         out.print(line, markup=False, highlight=False)
@@ -188,7 +204,7 @@ def show(run_id: str, node: str, store: Optional[str] = STORE_OPT,
     handle = api.RunHandle(api.open_store(store), record)
     try:
         directory, manifest = handle._directory(node)
-    except (KeyError, FileNotFoundError) as exc:
+    except INPUT_ERRORS as exc:
         _fail_input(str(exc).strip("'\""))
     out.print(f"{node} at {directory}")
     out.print(f"metrics: {json.dumps(manifest.get('metrics', {}), indent=1)}", markup=False)
@@ -205,6 +221,23 @@ def show(run_id: str, node: str, store: Optional[str] = STORE_OPT,
             out.print(head.to_pandas().to_string(), markup=False)
         else:
             out.print(f"- {name}: {meta['kind']} at {directory}/{meta['path']}", markup=False)
+
+
+@app.command()
+def verify(run_id: Optional[str] = typer.Argument(None, help="run id (default: every commit in the store)"),
+           store: Optional[str] = STORE_OPT) -> None:
+    """Check every sha256 of a run's outputs (or the whole store); quarantine what is damaged so that
+    the next run recomputes exactly that. Exit 1 if anything was damaged."""
+    if run_id is not None:
+        _record(run_id, store)  # exit 2 for an unknown or damaged run
+    report = api.verify(run_id, store)
+    for q in report.quarantined:
+        out.print(f"damaged: {q['path']} ({q['reason']}); quarantined in {q['moved_to']}", markup=False,
+                  highlight=False)
+    verdict = "all intact" if report.ok else f"{len(report.quarantined)} damaged, quarantined"
+    out.print(f"verified {report.commits} commits, {report.files} files in {report.seconds:.2f} s: {verdict}",
+              markup=False, highlight=False)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

@@ -82,11 +82,13 @@ def load_inputs(store: Store, inputs: dict[str, InputRef], verify: bool) -> dict
     loaded = {}
     for arg, ref in inputs.items():
         directory = store.node_path(ref.node, ref.key)
-        manifest = store.committed(directory)
+        manifest, damage = store.inspect(directory)
         if manifest is None:
             from interpflow.workflows.engine.store import CorruptArtifact
 
-            raise CorruptArtifact(ref.node, ref.key, directory, "not committed (removed or damaged)")
+            # a damage reason starts with the damaged path, so that only that shard is recomputed
+            where = f"{directory}/{damage.split(':', 1)[0]}" if damage else directory
+            raise CorruptArtifact(ref.node, ref.key, where, damage or "not committed (removed or damaged)")
         loaded[arg] = store.load(directory, manifest, ref.output, verify=verify)
     return loaded
 

@@ -90,6 +90,11 @@ class Node:
     actors: ActorPool | None = None
     training: Any = None  # engine.training.Training: run under Ray Train, resumable from checkpoints
 
+    def __post_init__(self) -> None:
+        from interpflow.workflows.engine.store import check_name
+
+        check_name(self.name, "node name")  # it is a directory of the store: nothing that leads outside
+
     @property
     def is_sharded(self) -> bool:
         return self.ids is not None

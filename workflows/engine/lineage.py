@@ -72,6 +72,15 @@ def code_version(path: str | Path | None = None) -> dict[str, str]:
         return {"commit": "unknown", "dirty": "unknown"}
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database (`mlartifacts/` next to
+    `mlflow.db`), never the current directory's `mlruns/` (MLflow's default for a database URI); a
+    tracking server decides for itself (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 @contextmanager
 def _sqlite_init_lock(uri: str):
     if not uri.startswith("sqlite:///"):
@@ -109,7 +118,7 @@ class Lineage:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
         except Exception:  # noqa: BLE001 - lost the race: the other process created it
             time.sleep(0.2)
             return _retry(self.client.get_experiment_by_name, name).experiment_id
@@ -119,11 +128,13 @@ class Lineage:
         self.common_tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
         all_tags = {f"{TAG}run_id": run_id, f"{TAG}workflow": workflow, f"{TAG}kind": "workflow",
                     **self.common_tags}
-        if existing:
+        if existing and self._has_run(existing):
             self.parent_id = existing
             _retry(self.client.update_run, existing, status="RUNNING")
             self._batch(existing, tags=all_tags)
             return existing
+        if existing:  # the tracking store was replaced or moved: the run starts a new parent, noting the old
+            all_tags[f"{TAG}previous_parent_run"] = existing
         run = _retry(self.client.create_run, self.experiment_id, run_name=f"{workflow}-{run_id}", tags=all_tags)
         self.parent_id = run.info.run_id
         params = flatten(config)
@@ -131,6 +142,20 @@ class Lineage:
         self._batch(self.parent_id, params=params)
         _retry(self.client.log_text, self.parent_id, json.dumps(config, indent=1), "config.json")
         return self.parent_id
+
+    def _has_run(self, run_id: str) -> bool:
+        try:
+            _retry(self.client.get_run, run_id)
+            return True
+        except Exception:  # noqa: BLE001 - MlflowException(RESOURCE_DOES_NOT_EXIST) and kin
+            return False
+
+    def mark_killed(self, run_ids: list[str]) -> None:
+        """Close the runs a killed driver left RUNNING (its parent and its running nodes) as KILLED."""
+        for run_id in run_ids:
+            if self._has_run(run_id) and self.client.get_run(run_id).info.status == "RUNNING":
+                self._batch(run_id, tags={f"{TAG}status": "killed"})
+                _retry(self.client.set_terminated, run_id, status="KILLED")
 
     def start_node(self, name: str, key: str, parts: dict, upstream: dict[str, str], cache_hit: bool,
                    produced_by: dict | None = None, inputs: dict[str, dict] | None = None) -> str:

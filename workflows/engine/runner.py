@@ -135,6 +135,7 @@ class Runner:
         self._bars: dict[str, Any] = {}
         attempt = {"started": time.time()}
         self.record.data.setdefault("attempts", []).append(attempt)
+        self.record.claim()
         for n in graph:
             key, parts = self.keys[n.name]
             self.record.nodes[n.name] = {
@@ -214,10 +215,31 @@ class Runner:
             self.lineage.end_node(state["mlflow_run_id"], state["status"], metrics, tags, state["traceback"])
 
     # --- scheduling ------------------------------------------------------------------------
+    def _set_aside(self, name: str, directory: str, reason: str) -> None:
+        """Quarantine a damaged commit of `name` (a whole node, or one shard) and say so in the record."""
+        try:
+            moved = self.store.set_aside(directory)
+        except (FileNotFoundError, OSError):
+            moved = []  # another driver set it aside first
+        rel = directory[len(self.store.root):].strip("/")
+        log.warning("%s is damaged (%s): set aside%s and recomputing", rel, reason,
+                    f" in {moved[-1]}" if moved else "")
+        self._state(name).setdefault("quarantined", []).append({"path": rel, "reason": reason, "moved_to": moved})
+
+    def _reset(self, name: str) -> None:
+        """Put a node back to pending, counters and errors cleared (an upstream artifact was damaged)."""
+        state = self._state(name)
+        state.update(status="pending", error=None, traceback=None)
+        state.pop("failed_shards", None)
+        if state["shards"] is not None:
+            state["shards"] = {"total": 0, "ran": 0, "cached": 0}
+
     def _start(self, n: Node) -> None:
         state = self._state(n.name)
         directory = self.store.node_path(n.name, state["key"])
-        manifest = self.store.committed(directory)
+        manifest, damage = self.store.inspect(directory)
+        if damage is not None and not n.is_sharded:  # a sharded node's damaged shards go alone (_submit_shards)
+            self._set_aside(n.name, directory, damage)
         if manifest is not None:
             state.update(status="cached", produced_by=manifest.get("produced_by"), seconds=0.0,
                          rows=manifest.get("rows"), bytes=manifest.get("bytes"))
@@ -260,10 +282,14 @@ class Runner:
         self.shards[n.name] = shards
         missing = []
         for shard in shards:
-            if self.store.committed(self.store.shard_path(n.name, state["key"], shard.index, shard.count)):
+            directory = self.store.shard_path(n.name, state["key"], shard.index, shard.count)
+            manifest, damage = self.store.inspect(directory)
+            if manifest is not None:
                 state["shards"]["cached"] += 1
-            else:
-                missing.append(shard)
+                continue
+            if damage is not None:
+                self._set_aside(n.name, directory, damage)
+            missing.append(shard)
         state["shards"]["total"] = len(shards)
         state["shards"]["pending"] = len(missing)
         if self.progress is not None:
@@ -370,19 +396,21 @@ class Runner:
 
     # --- results ---------------------------------------------------------------------------
     def _recover_corrupt(self, name: str, exc: CorruptArtifact) -> bool:
-        """A node read a damaged upstream artifact: set it aside and recompute both nodes."""
+        """A node read a damaged upstream artifact: set it aside (only the damaged shard of a sharded
+        node) and recompute it, then the reader."""
         count = self._recoveries.get(exc.node, 0)
         if count >= 2 or exc.node not in self.record.nodes:
             return False
         self._recoveries[exc.node] = count + 1
         directory = self.store.node_path(exc.node, exc.key)
-        try:
-            where = self.store.quarantine(directory)
-            log.warning("artifact of %s failed its checksum; moved to %s and recomputing", exc.node, where)
-        except (FileNotFoundError, OSError):
-            pass
-        self._state(exc.node).update(status="pending", recomputed_after_corruption=True)
-        self._state(name).update(status="pending")
+        inside = exc.path[len(directory):].strip("/").split("/")[0] if exc.path.startswith(directory + "/") else ""
+        if inside.startswith("shard-"):
+            directory = f"{directory}/{inside}"
+        self._set_aside(exc.node, directory, exc.reason)
+        self._reset(exc.node)
+        self._state(exc.node)["recomputed_after_corruption"] = True
+        if name != exc.node:
+            self._state(name)["status"] = "pending"
         return True
 
     def _on_result(self, ref) -> None:
@@ -440,9 +468,7 @@ class Runner:
         if state["shards"]["pending"] > 0:
             return  # let the other shards commit, so that a resume has less to do
         if state["status"] == "pending":  # an upstream artifact was corrupt: the node starts over
-            state.pop("failed_shards", None)
-            state.update(error=None, traceback=None)
-            state["shards"].update(ran=0, cached=0)
+            self._reset(name)
             self._drop_pool(name)
             return
         failed = state.get("failed_shards", [])

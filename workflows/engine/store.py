@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 import shutil
 import socket
 import tempfile
@@ -38,8 +40,25 @@ MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = 1
 
 
+# Run ids and node names become path components of the store: one safe alphabet, no separators, no
+# "..", so that no name a user types can reach outside the store root.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# A lock the store cannot parse (a crash between create and write, a full disk) is broken once it is
+# this old; a readable one once its holder is gone or has not refreshed it for `LOCK_STALE_S`.
+LOCK_STALE_S = 30.0
+UNREADABLE_LOCK_GRACE_S = 2.0
+
+
 class StoreError(RuntimeError):
     pass
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a safe store path component, else ValueError naming `what` and the alphabet."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{what} '{value}' is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter, digit or '_' (no '/' and no '..')")
+    return value
 
 
 class CorruptArtifact(StoreError):
@@ -182,10 +201,15 @@ class Store:
 
     # --- paths -----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+        """A path under the root; StoreError if the parts would lead outside it (`..`, absolute parts)."""
+        root = posixpath.normpath(self.root) if self.root else ""
+        joined = posixpath.normpath("/".join([root, *parts])) if parts else root
+        if parts and not joined.startswith(root.rstrip("/") + "/"):
+            raise StoreError(f"path {'/'.join(parts)!r} leads outside the store {self.uri}")
+        return joined
 
     def node_path(self, name: str, key: str) -> str:
-        return self.path(name, key)
+        return self.path(check_name(name, "node name"), check_name(key, "node key"))
 
     def shard_path(self, name: str, key: str, index: int, count: int) -> str:
         return self.path(name, key, shard_dirname(index, count))
@@ -215,20 +239,49 @@ class Store:
         return manifest if manifest.get("format") == MANIFEST_FORMAT else None
 
     def committed(self, directory: str) -> dict | None:
-        """The manifest if `directory` holds a complete commit (every listed file, right size)."""
+        """The manifest if `directory` holds a complete, undamaged commit (see `inspect`)."""
+        return self.inspect(directory)[0]
+
+    def inspect(self, directory: str) -> tuple[dict | None, str | None]:
+        """(manifest, None) for a complete commit; (None, None) when nothing is committed; (None, reason)
+        when a manifest is there but its files are not what it committed (damaged: quarantine it). A
+        reason starts with the damaged file's path relative to `directory`, then a colon.
+
+        The cheap proof a cache hit pays for: every listed file exists with its committed size, and on a
+        local store its committed mtime; a file whose mtime moved (rewritten in place, or a store copied
+        without times) is re-hashed, so only real damage fails. A sharded node checks every shard."""
         manifest = self.read_manifest(directory)
         if manifest is None:
-            return None
+            return None, (f"{MANIFEST}: unreadable" if self._exists(f"{directory}/{MANIFEST}") else None)
+        damage = self._damage(directory, manifest)
+        if damage is None:
+            for shard in manifest.get("shards", []):
+                shard_dir = f"{directory}/{shard['dir']}"
+                shard_manifest = self.read_manifest(shard_dir)
+                damage = f"{shard['dir']}: manifest missing or unreadable" if shard_manifest is None \
+                    else self._damage(shard_dir, shard_manifest, prefix=f"{shard['dir']}/")
+                if damage is not None:
+                    break
+        return (None, damage) if damage is not None else (manifest, None)
+
+    def _damage(self, directory: str, manifest: dict, prefix: str = "") -> str | None:
         files = manifest.get("files", {})
-        if files:
-            infos = self.fs.get_file_info([f"{directory}/{rel}" for rel in files])
-            for info, (rel, meta) in zip(infos, files.items()):
-                if info.type != pafs.FileType.File or info.size != meta["size"]:
-                    return None
-        for shard in manifest.get("shards", []):
-            if self.read_manifest(f"{directory}/{shard['dir']}") is None:
-                return None
-        return manifest
+        if not files:
+            return None
+        mtimes = manifest.get("mtime_ns", {}) if self.is_local else {}
+        infos = self.fs.get_file_info([f"{directory}/{rel}" for rel in files])
+        for info, (rel, meta) in zip(infos, files.items()):
+            if info.type != pafs.FileType.File:
+                return f"{prefix}{rel}: missing"
+            if info.size != meta["size"]:
+                return f"{prefix}{rel}: {info.size} bytes, committed {meta['size']}"
+            if rel in mtimes and info.mtime_ns != mtimes[rel] \
+                    and _sha256_file(self.fs, f"{directory}/{rel}") != meta["sha256"]:
+                return f"{prefix}{rel}: sha256 differs from the manifest"
+        return None
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def verify(self, directory: str, manifest: dict) -> None:
         """Recompute every file's sha256; raise CorruptArtifact on the first mismatch."""
@@ -241,6 +294,45 @@ class Store:
             if digest != meta["sha256"]:
                 raise CorruptArtifact(manifest.get("node", "?"), manifest.get("key", "?"), path,
                                       "sha256 differs from the manifest")
+
+    def damaged_parts(self, directory: str) -> tuple[int, list[tuple[str, str]]]:
+        """Check every sha256 of a commit; return (files checked, [(damaged directory, reason)]).
+
+        A sharded node's damage is reported per shard, so that only the damaged shards are set aside."""
+        manifest = self.read_manifest(directory)
+        if manifest is None:
+            return 0, [(directory, "manifest missing or unreadable")]
+        checked, damaged = 0, []
+        levels = [(directory, manifest)]
+        for shard in manifest.get("shards", []):
+            shard_dir = f"{directory}/{shard['dir']}"
+            shard_manifest = self.read_manifest(shard_dir)
+            if shard_manifest is None:
+                damaged.append((shard_dir, "shard manifest missing or unreadable"))
+            else:
+                levels.append((shard_dir, shard_manifest))
+        for level_dir, level_manifest in levels:
+            checked += len(level_manifest.get("files", {}))
+            try:
+                self.verify(level_dir, level_manifest)
+            except CorruptArtifact as exc:
+                damaged.append((level_dir, f"{exc.path.rsplit('/', 1)[-1]}: {exc.reason}"))
+        return checked, damaged
+
+    def set_aside(self, directory: str) -> list[str]:
+        """Quarantine a damaged commit so that it is recomputed; return where things went.
+
+        A damaged shard goes alone, with its node's top manifest (so the node is sealed again once the
+        shard is recomputed); a damaged node goes whole."""
+        moved = []
+        name = directory.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("shard-"):
+            top = f"{directory.rstrip('/').rsplit('/', 1)[0]}/{MANIFEST}"
+            if self._exists(top):
+                moved.append(self.quarantine(top))
+        if self._exists(directory):
+            moved.append(self.quarantine(directory))
+        return moved
 
     # --- writing ---------------------------------------------------------------------------
     @contextmanager
@@ -263,15 +355,21 @@ class Store:
         """
         with self._staging() as staging:
             written = {name: _write_output(name, value, staging) for name, value in outputs.items()}
-            files = {}
+            files, mtimes = {}, {}
             for file in sorted(p for p in staging.rglob("*") if p.is_file()):
                 rel = str(file.relative_to(staging))
-                files[rel] = {"size": file.stat().st_size, "sha256": _sha256_local(file)}
+                stat = file.stat()
+                files[rel] = {"size": stat.st_size, "sha256": _sha256_local(file)}
+                mtimes[rel] = stat.st_mtime_ns  # a rename keeps it: the cheap check of a cache hit
+            # The digest names the data: metrics (timings among them) are kept beside it, not in it, so
+            # two identical computations have one digest.
+            metrics_files = {o.path for o in written.values() if o.name == "metrics"}
             manifest = {
                 "format": MANIFEST_FORMAT,
                 **meta,
                 "files": files,
-                "digest": content_digest(files),
+                **({"mtime_ns": mtimes} if self.is_local else {}),
+                "digest": content_digest({rel: f for rel, f in files.items() if rel not in metrics_files}),
                 "outputs": {o.name: {"kind": o.kind, "path": o.path, "rows": o.rows} for o in written.values()},
                 "rows": sum(o.rows or 0 for o in written.values() if o.kind in ("table", "dataset")),
                 "bytes": sum(f["size"] for f in files.values()),
@@ -287,9 +385,11 @@ class Store:
         return manifest
 
     def _publish(self, staging: Path, directory: str, manifest: dict) -> dict:
-        existing = self.committed(directory)
+        existing, damage = self.inspect(directory)
         if existing is not None:
             return existing
+        if damage is not None:  # a damaged commit the caller holds the lock of: make room
+            self.quarantine(directory)
         parent = directory.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if self.is_local:
@@ -333,7 +433,7 @@ class Store:
     def quarantine(self, directory: str) -> str:
         """Move a corrupt commit aside (kept for inspection) so that it is recomputed."""
         rel = directory[len(self.root):].strip("/").replace("/", "--")
-        dest = self.path(".quarantine", f"{rel}--{int(time.time() * 1000)}")
+        dest = self.path(".quarantine", f"{rel}--{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}")
         self.fs.create_dir(self.path(".quarantine"), recursive=True)
         self.fs.move(directory, dest)
         return dest
@@ -416,17 +516,21 @@ class Store:
 
     # --- locks -----------------------------------------------------------------------------
     @contextmanager
-    def lock(self, directory: str, stale_after_s: float = 120.0, poll_s: float = 0.2,
+    def lock(self, directory: str, stale_after_s: float = LOCK_STALE_S, poll_s: float = 0.2,
              is_done=None) -> Iterator[bool]:
         """Hold the write lock of `directory`; yields False if `is_done()` became true while waiting.
 
-        Locks are files created exclusively. A holder refreshes its lock while it works; a lock is
-        broken when its process is gone (same host) or it has not been refreshed for `stale_after_s`.
+        Locks are files created exclusively, naming their holder (host, pid, process start time). The
+        holder refreshes its lock every `stale_after_s / 6` s; a lock is broken when its holder is gone
+        (same host: no such process, or the pid now names another process), when nobody refreshed it for
+        `stale_after_s` (a hung or partitioned holder), or when it cannot be parsed and is over
+        `UNREADABLE_LOCK_GRACE_S` old (a crash between creating and writing it, a full disk).
         """
         rel = directory[len(self.root):].strip("/").replace("/", "--")
         lock_path = self.path(".locks", f"{rel}.lock")
         self.fs.create_dir(self.path(".locks"), recursive=True)
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid()),
+                 "token": uuid.uuid4().hex}
         while True:
             if self._try_create(lock_path, owner):
                 break
@@ -440,7 +544,7 @@ class Store:
         stop = threading.Event()
 
         def heartbeat():
-            while not stop.wait(min(10.0, stale_after_s / 4)):
+            while not stop.wait(stale_after_s / 6):
                 try:
                     os.utime(lock_path) if self.is_local else None
                 except OSError:
@@ -472,24 +576,23 @@ class Store:
         time.sleep(0.05)
         try:
             return self.read_json(path).get("token") == owner["token"]
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return False
 
     def _lock_is_stale(self, path: str, stale_after_s: float) -> bool:
+        info = self.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return False  # released meanwhile: try to create it again
+        age = time.time() - (info.mtime.timestamp() if info.mtime else time.time())
         try:
             owner = self.read_json(path)
-            info = self.fs.get_file_info(path)
+            if not isinstance(owner, dict):
+                raise ValueError("not a lock record")
         except (FileNotFoundError, OSError, ValueError):
-            return False
-        if owner.get("host") == socket.gethostname():
-            try:
-                os.kill(int(owner["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, KeyError, ValueError):
-                pass
-        mtime = info.mtime.timestamp() if info.mtime else time.time()
-        return time.time() - mtime > stale_after_s
+            return age > UNREADABLE_LOCK_GRACE_S
+        if owner.get("host") == socket.gethostname() and not _process_alive(owner.get("pid"), owner.get("started")):
+            return True
+        return age > stale_after_s
 
     def _remove(self, path: str) -> None:
         try:
@@ -504,3 +607,28 @@ def _sha256_local(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: no start time to compare
+        return None
+
+
+def _process_alive(pid: Any, started: float | None = None) -> bool:
+    """Is `pid` a live process on this host, and the same one that started at `started` (pids are reused)?"""
+    try:
+        pid = int(pid)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # alive but not ours to signal, or no pid to judge: let the heartbeat decide
+    if started is not None:
+        now_started = _process_started(pid)
+        if now_started is not None and abs(now_started - float(started)) > 1.0:
+            return False
+    return True
