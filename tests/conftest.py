@@ -20,10 +20,13 @@ def ray_local():
     """A private 2-CPU Ray cluster for one test module; the runner reuses the connection."""
     import ray
 
+    from interpflow.workflows.engine.ray_cluster import start_local
+
     if ray.is_initialized():
         ray.shutdown()
-    # the dashboard stays on: Ray Train's PlacementGroupCleaner polls the State API it serves (runner.ensure_ray)
-    ray.init(address="local", num_cpus=2, logging_level="WARNING")
+    # the dashboard stays on: Ray Train's PlacementGroupCleaner polls the State API it serves (runner.ensure_ray);
+    # start_local: hardened like the runner's cluster (token file 0600, every listener on 127.0.0.1)
+    start_local(num_cpus=2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
