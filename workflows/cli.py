@@ -62,7 +62,7 @@ def print_summary(handle: api.RunHandle) -> None:
             out.print(f"[red]{name} failed:[/] {s['error']}  (full traceback: interpflow status {record.run_id})")
         for q in s.get("quarantined") or []:
             out.print(f"[yellow]{q['path']} was damaged ({q['reason']}): set aside and recomputed[/]",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     out.print(f"outputs: {handle.store.uri}/<node>/<key>   (open: interpflow show {record.run_id} NODE)")
     if record.data.get("mlflow_run_id"):
         out.print(f"MLflow run: {record.data['mlflow_run_id']} at {record.data.get('tracking_uri')} "
@@ -233,10 +233,10 @@ def verify(run_id: Optional[str] = typer.Argument(None, help="run id (default: e
     report = api.verify(run_id, store)
     for q in report.quarantined:
         out.print(f"damaged: {q['path']} ({q['reason']}); quarantined in {q['moved_to']}", markup=False,
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     verdict = "all intact" if report.ok else f"{len(report.quarantined)} damaged, quarantined"
     out.print(f"verified {report.commits} commits, {report.files} files in {report.seconds:.2f} s: {verdict}",
-              markup=False, highlight=False)
+              markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -273,7 +273,7 @@ def serve_model(model: str = typer.Argument(..., help="a causal LM: local Huggin
     from pydantic import ValidationError
 
     from interpflow.tasks.models import ModelConfig, check_model_source
-    from interpflow.workflows.engine.runner import ensure_ray
+    from interpflow.workflows.engine.ray_cluster import ensure_ray
     from interpflow.workflows.engine.settings import RunSettings
 
     try:

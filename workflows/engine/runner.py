@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import importlib
 import logging
-import os
 import re
 import time
 import traceback
@@ -23,6 +22,7 @@ from interpflow.workflows.engine.execute import InputRef, Job, execute_job, plan
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
 from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
 from interpflow.workflows.engine.lineage import Lineage, log_figures
+from interpflow.workflows.engine.ray_cluster import ensure_ray
 from interpflow.workflows.engine.record import RunRecord
 from interpflow.workflows.engine.settings import RunSettings
 from interpflow.workflows.engine.store import CorruptArtifact, Store, content_digest
@@ -90,26 +90,6 @@ def _exception_classes(names: list[str]) -> list[type]:
         else:
             classes.append(getattr(builtins, name))
     return classes
-
-
-def ensure_ray(settings: RunSettings, dashboard: bool = False) -> bool:
-    """Connect to Ray if not connected; return True if this call started it. `dashboard`: a private cluster
-    also starts the dashboard's full module set (about 230 MiB more), which serves the State API."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = settings.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # "local" starts a private cluster even if a `ray start` head is running on this machine.
-        quiet = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                 "TQDM_DISABLE": "1"}  # worker progress bars would interleave with the driver's
-        ray.init(address="local", num_cpus=settings.num_cpus, include_dashboard=dashboard,
-                 runtime_env={"env_vars": quiet}, **kwargs)
-    return True
 
 
 @dataclass
