@@ -140,6 +140,23 @@ def test_verify_finds_bit_rot_the_cheap_check_cannot_see_and_the_next_run_recomp
     assert code == 0 and "all intact" in stdout
 
 
+def test_bit_rot_found_by_a_reader_recomputes_only_that_shard_and_counts_it_once(finished, tmp_path):
+    settings, run_id = copy_of(finished, tmp_path)
+    shard_file = next(f for n, s, f in committed_data_files(Path(settings.store)) if s == "shard-00001-of-00004")
+    stat = shard_file.stat()
+    damage(shard_file, "flip")
+    os.utime(shard_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the cheap check passes; the reader's sha256 fails
+    handle = interpflow.run({**SPEC, "summary": {"batch_size": 128}}, settings=settings, progress=False)
+    nodes = handle.nodes()
+    assert handle.ok and nodes["summarise"]["status"] == "ran"
+    assert nodes["transform_shard"]["status"] == "ran" and nodes["transform_shard"]["recomputed_after_corruption"]
+    assert {k: nodes["transform_shard"]["shards"][k] for k in ("total", "ran", "cached")} == \
+        {"total": 4, "ran": 1, "cached": 3}
+    assert [q["path"].rsplit("/", 1)[-1] for q in nodes["transform_shard"]["quarantined"]] == ["shard-00001-of-00004"]
+    assert nodes["make_numbers"]["status"] == "cached"
+    assert handle.metrics("report")["ground_truth_ok"] == 1.0
+
+
 def test_two_identical_computations_have_one_digest_whatever_their_timings(tmp_path):
     digests, metric_files = [], []
     for i in range(2):
