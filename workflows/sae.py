@@ -19,6 +19,7 @@ from interpflow.tasks.sae.fit import SAEFitConfig, fit
 from interpflow.workflows.engine import Graph, node, sharded, trained
 from interpflow.workflows.engine.training import Training
 from interpflow.workflows.extract import ActivationSource, activation_nodes, site_widths
+from interpflow.workflows.spec import brief
 
 
 class SweepConfig(BaseModel):
@@ -54,7 +55,7 @@ class SaeStudy(ActivationSource):
                 try:
                     config = SAEConfig(**{**base, "variant": variant, "k": k})
                 except ValueError as exc:
-                    raise ValueError(f"sweep (variant={variant}, k={k}): {exc}") from None
+                    raise ValueError(f"sweep (variant={variant}, k={k}): {brief(exc)}") from None
                 out[f"{variant}-k{k}" if variant in TOPK_FAMILY else variant] = config
         return out
 

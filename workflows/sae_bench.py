@@ -19,6 +19,7 @@ from interpflow.tasks.sae import bench
 from interpflow.tasks.types import Seed
 from interpflow.workflows.engine import Graph, node, sharded
 from interpflow.workflows.extract import ActivationSource, activation_nodes, site_widths
+from interpflow.workflows.spec import brief
 
 ALL_VARIANTS = ["relu", "topk", "batchtopk", "jumprelu", "archetypal", "relaxed_archetypal"]
 
@@ -119,9 +120,9 @@ def validate(cfg: SaeBench) -> None:
         try:
             _with(cfg.identifiability.train, variant=v)
         except ValueError as exc:
-            raise ValueError(f"identifiability (variant={v}): {exc}") from None
+            raise ValueError(f"identifiability (variant={v}): {brief(exc)}") from None
     for v in cfg.stability.variants:
         try:
             _with(cfg.stability.train, variant=v)
         except ValueError as exc:
-            raise ValueError(f"stability (variant={v}): {exc}") from None
+            raise ValueError(f"stability (variant={v}): {brief(exc)}") from None

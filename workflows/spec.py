@@ -140,7 +140,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         path, sep, value = item.partition("=")
         if not sep or not path.strip():
-            raise SpecError(f"override '{item}': expected FIELD=VALUE, e.g. square.power=3")
+            raise SpecError(f"override {item!r}: expected FIELD=VALUE, e.g. square.power=3")
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
@@ -149,7 +149,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         keys = path.strip().split(".")
         for k in keys[:-1]:
             if not isinstance(target.get(k, {}), dict):
-                raise SpecError(f"override '{item}': '{k}' is not a section, so it has no field '{keys[-1]}'")
+                raise SpecError(f"override {item!r}: '{k}' is not a section, so it has no field '{keys[-1]}'")
             target = target.setdefault(k, {})
         target[keys[-1]] = parsed
     return data
@@ -191,8 +191,10 @@ def explain_validation(exc: ValidationError, model: type[BaseModel], prefix: str
     first = errors[0]
     loc = tuple(p for p in first["loc"] if not isinstance(p, int))
     field = prefix + ".".join(str(p) for p in first["loc"])
+    if not field.isprintable():  # a key with control characters or newlines, shown escaped on one line
+        field = field.encode("unicode_escape").decode("ascii")
     more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "invalid_key"):  # invalid_key: a YAML key that is no string (`1: 2`)
         valid = _fields_of(model, loc)
         return (f"unknown field '{field}'. Fix: remove it or correct the spelling; valid fields here: "
                 f"{', '.join(valid) or '(none)'}{more}")
@@ -203,13 +205,27 @@ def explain_validation(exc: ValidationError, model: type[BaseModel], prefix: str
         message = str(first["ctx"]["error"]).strip()
         if not message.startswith(field):
             message = f"field '{field}': {message}"
-        if "Fix" not in message and "fix" not in message:
+        if not any(mark in message for mark in ("Fix", "fix", "; ")):  # "...; set X" names its fix
             message += f". Fix: give {field} a valid value in the spec or on the command line as {field}=VALUE"
         return message + more
     got = first.get("input")
     got_text = "" if isinstance(got, (dict, list)) else f" (got {_short(got)})"
     return (f"field '{field}': {first['msg']}{got_text}. Fix: give {field} a valid value in the spec "
             f"or on the command line as {field}=VALUE{more}")
+
+
+def brief(exc: Exception) -> str:
+    """An exception in one line, for a message that wraps it: a pydantic ValidationError as `field: problem`
+    of its first error (its own text spans several lines and links to the pydantic docs)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "value_error" and "error" in first.get("ctx", {}):
+            message = str(first["ctx"]["error"])
+        else:
+            message = first["msg"]
+        return " ".join((f"{where}: {message}" if where else message).split())
+    return " ".join(str(exc).split())
 
 
 def _short(value: Any, limit: int = 80) -> str:
