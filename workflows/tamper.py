@@ -328,7 +328,7 @@ def validate(cfg: TamperStudy) -> None:
     judging.check_judge(cfg.judge)
     if cfg.utility.source is not None:
         source = datasets_io.DatasetSource(path=cfg.utility.source, split=cfg.utility.split)
-        datasets_io.check_source(source, "utility.source", text_columns=("question",), columns=("options", "answer"))
+        datasets_io.check_source(source, "utility.source", text_columns=())  # columns: check_mc_dataset
         load_mc_dataset(cfg.utility)
     n_blocks = cfg.lm.n_layer
     if cfg.model is not None:
