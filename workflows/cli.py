@@ -270,8 +270,6 @@ def serve_model(model: str = typer.Argument(..., help="a causal LM: local Huggin
                 dtype: str = typer.Option("float32", help="weights dtype: float32, float16 or bfloat16"),
                 num_gpus: float = typer.Option(0, help="GPUs for the model replica")) -> None:
     """Serve MODEL as an OpenAI-compatible chat endpoint (POST /v1/chat/completions) until Ctrl-C."""
-    from pydantic import ValidationError
-
     from interpflow.tasks.models import ModelConfig, check_model_source
     from interpflow.workflows.engine.ray_cluster import ensure_ray
     from interpflow.workflows.engine.settings import RunSettings
@@ -279,7 +277,7 @@ def serve_model(model: str = typer.Argument(..., help="a causal LM: local Huggin
     try:
         check_model_source(model)
         cfg = ModelConfig(dtype=dtype)
-    except (FileNotFoundError, ValidationError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or corrupt model, a bad dtype (ValidationError is a ValueError)
         _fail_input(str(exc))
     if api_key_env and not os.environ.get(api_key_env):
         _fail_input(f"environment variable {api_key_env} is not set: export {api_key_env}=<the key clients "

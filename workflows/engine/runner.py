@@ -8,8 +8,6 @@ Ray is started only when something has to execute, so a fully cached run never p
 
 from __future__ import annotations
 
-import builtins
-import importlib
 import logging
 import re
 import time
@@ -24,7 +22,7 @@ from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
 from interpflow.workflows.engine.lineage import Lineage, log_figures
 from interpflow.workflows.engine.ray_cluster import ensure_ray
 from interpflow.workflows.engine.record import RunRecord
-from interpflow.workflows.engine.settings import RunSettings
+from interpflow.workflows.engine.settings import RunSettings, exception_class
 from interpflow.workflows.engine.store import CorruptArtifact, Store, content_digest
 
 log = logging.getLogger("interpflow")
@@ -79,17 +77,6 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
     else:
         text = "".join(traceback.format_exception(exc))
     return line, text
-
-
-def _exception_classes(names: list[str]) -> list[type]:
-    classes = []
-    for name in names:
-        if "." in name:
-            module, _, attr = name.rpartition(".")
-            classes.append(getattr(importlib.import_module(module), attr))
-        else:
-            classes.append(getattr(builtins, name))
-    return classes
 
 
 @dataclass
@@ -154,7 +141,7 @@ class Runner:
             training = any(n.training is not None for n in self.graph)
             self.started_ray = ensure_ray(self.settings, dashboard=training)
             self.record.data["ray_job_id"] = ray.get_runtime_context().get_job_id()
-            retry = _exception_classes(self.settings.retry_exceptions) or False
+            retry = [exception_class(name) for name in self.settings.retry_exceptions] or False
             self._retry_options = {"max_retries": self.settings.max_retries, "retry_exceptions": retry}
             self._remote = {
                 "execute": ray.remote(execute_job),
