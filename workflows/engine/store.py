@@ -15,6 +15,7 @@ is pickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -529,7 +530,7 @@ class Store:
         rel = directory[len(self.root):].strip("/").replace("/", "--")
         lock_path = self.path(".locks", f"{rel}.lock")
         self.fs.create_dir(self.path(".locks"), recursive=True)
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid()),
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _own_start_time(),
                  "token": uuid.uuid4().hex}
         while True:
             if self._try_create(lock_path, owner):
@@ -541,21 +542,11 @@ class Store:
                 self._remove(lock_path)
                 continue
             time.sleep(poll_s)
-        stop = threading.Event()
-
-        def heartbeat():
-            while not stop.wait(stale_after_s / 6):
-                try:
-                    os.utime(lock_path) if self.is_local else None
-                except OSError:
-                    return
-
-        beat = threading.Thread(target=heartbeat, daemon=True)
-        beat.start()
+        _HEARTBEAT.hold(self, lock_path, stale_after_s / 6)
         try:
             yield True
         finally:
-            stop.set()
+            _HEARTBEAT.release(lock_path)
             self._remove(lock_path)
 
     def _try_create(self, path: str, owner: dict) -> bool:
@@ -607,6 +598,57 @@ def _sha256_local(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+class _Heartbeat:
+    """One thread per process refreshes every lock the process holds (a thread per lock cost more than
+    a small shard's whole computation)."""
+
+    def __init__(self):
+        self._held: dict[str, tuple[Store, float, float]] = {}  # lock path -> (store, period, last refresh)
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def hold(self, store: "Store", path: str, period_s: float) -> None:
+        with self._guard:
+            self._held[path] = (store, period_s, time.monotonic())
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()  # a forked child has no thread of its parent's
+                self._thread = threading.Thread(target=self._beat, name="interpflow-lock-heartbeat", daemon=True)
+                self._thread.start()
+
+    def release(self, path: str) -> None:
+        with self._guard:
+            self._held.pop(path, None)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._guard:
+                due = [(path, store) for path, (store, period, last) in self._held.items() if now - last >= period]
+                for path, _ in due:
+                    store, period, _ = self._held[path]
+                    self._held[path] = (store, period, now)
+            for path, store in due:
+                try:
+                    if store.is_local:
+                        os.utime(path)
+                except OSError:
+                    pass
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_start_time_of(pid: int) -> float | None:
+    return _process_started(pid)
+
+
+def _own_start_time() -> float | None:
+    return _own_start_time_of(os.getpid())
 
 
 def _process_started(pid: int) -> float | None:
