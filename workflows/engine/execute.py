@@ -167,6 +167,7 @@ def _summary(job: Job, manifest: dict | None, status: str) -> dict:
         "rows": manifest.get("rows", 0),
         "bytes": manifest.get("bytes", 0),
         "outputs": manifest.get("outputs", {}),
+        "digest": manifest.get("digest"),
         "metrics": manifest.get("metrics", {}),
         "timings": manifest.get("timings", {}),
         "produced_by": manifest.get("produced_by", {}),

@@ -100,6 +100,21 @@ class Runner:
         self._retry_options: dict[str, Any] = {}
         self._recoveries: dict[str, int] = {}
         self._bars: dict[str, Any] = {}
+        # Scheduling state that keeps each event O(its neighbours), not O(graph): the nodes to look at next
+        # (dependents of a node that just settled, nodes put back to pending), shard jobs not yet submitted,
+        # and what is known of each node's shards (from their manifests or results, never read twice).
+        self._order = {n.name: i for i, n in enumerate(graph)}
+        self._dependents: dict[str, list[str]] = {n.name: [] for n in graph}
+        for n in graph:
+            for up in {u.name for u in n.upstream()}:
+                self._dependents[up].append(n.name)
+        self._candidates: set[str] = set(self._order)
+        self._deferred: set[str] = set()  # training nodes waiting for CPUs
+        self._queued: dict[str, deque] = {}  # node -> shard jobs waiting for a slot in the window
+        self._submitted: dict[str, int] = {}  # node -> shard tasks in flight
+        self._shard_info: dict[str, dict[int, dict]] = {}
+        self._windows: dict[str, int] = {}
+        self._progress_at = 0.0
         attempt = {"started": time.time()}
         self.record.data.setdefault("attempts", []).append(attempt)
         self.record.claim()
@@ -198,6 +213,8 @@ class Runner:
         state = self._state(name)
         state.update(status="pending", error=None, traceback=None)
         state.pop("failed_shards", None)
+        self._candidates.add(name)
+        self._queued.pop(name, None)
         if state["shards"] is not None:
             state["shards"] = {"total": 0, "ran": 0, "cached": 0}
 
@@ -216,10 +233,11 @@ class Runner:
             if self.lineage is not None and state["mlflow_run_id"]:
                 log_figures(self.lineage.uri, state["mlflow_run_id"], self.store, directory, manifest)
             self._close_lineage(n.name, manifest.get("metrics"), {"output_uri": state["output_uri"]})
-            self._advance()
+            self._advance(n.name)
             return
         remotes = self._remotes()
         if n.training is not None and not self._training_slot(n):
+            self._deferred.add(n.name)
             return  # stays pending until a running training node finishes
         state.update(started=time.time(), status="running")
         self._open_lineage(n, False)
@@ -244,15 +262,24 @@ class Runner:
         return not running or busy + need(n) <= ray.cluster_resources().get("CPU", 1)
 
     def _submit_shards(self, n: Node, ids: list) -> None:
+        import pyarrow.fs as pafs
+
         state = self._state(n.name)
         shards = split_ids(ids, n.num_shards)
         self.shards[n.name] = shards
+        info = self._shard_info[n.name] = {}
+        node_dir = self.store.node_path(n.name, state["key"])
+        present = {i.base_name for i in self.store.fs.get_file_info(pafs.FileSelector(node_dir, allow_not_found=True))}
         missing = []
         for shard in shards:
-            directory = self.store.shard_path(n.name, state["key"], shard.index, shard.count)
+            if shard.name not in present:  # one listing instead of a look per shard
+                missing.append(shard)
+                continue
+            directory = f"{node_dir}/{shard.name}"
             manifest, damage = self.store.inspect(directory)
             if manifest is not None:
                 state["shards"]["cached"] += 1
+                info[shard.index] = _shard_summary(manifest)
                 continue
             if damage is not None:
                 self._set_aside(n.name, directory, damage)
@@ -269,9 +296,9 @@ class Runner:
 
         remotes = self._remotes()
         if n.actors is None:
-            for shard in missing:
-                ref = remotes["execute"].options(**self._task_options(n)).remote(self._job(n, shard))
-                self.inflight[ref] = ("shard", n.name, shard)
+            self._queued[n.name] = deque(missing)
+            self._submitted[n.name] = 0
+            self._feed_tasks(n)
             return
         pool_cfg = n.actors
         setup_inputs = {k: v for k, v in n.inputs.items() if k in pool_cfg.setup_inputs}
@@ -290,6 +317,23 @@ class Runner:
         self.pools[n.name] = pool
         self._feed_pool(n.name)
 
+    def _feed_tasks(self, n: Node) -> None:
+        """Keep a window of a sharded node's shard tasks in flight (a few per CPU): the driver's memory and
+        each wait stay flat however many shards the node has."""
+        import ray
+
+        queue = self._queued.get(n.name)
+        if not queue:
+            return
+        window = max(16, 4 * int(ray.cluster_resources().get("CPU", 1))) if n.name not in self._windows \
+            else self._windows[n.name]
+        self._windows[n.name] = window
+        execute = self._remotes()["execute"].options(**self._task_options(n))
+        while queue and self._submitted[n.name] < window:
+            shard = queue.popleft()
+            self.inflight[execute.remote(self._job(n, shard))] = ("shard", n.name, shard)
+            self._submitted[n.name] += 1
+
     def _feed_pool(self, name: str) -> None:
         pool = self.pools[name]
         for index, actor in enumerate(pool.actors):
@@ -304,9 +348,12 @@ class Runner:
         shards = self.shards[n.name]
         entries, outputs, rows, nbytes = [], {}, 0, 0
         summed: dict[str, float] = {}
+        info = self._shard_info.get(n.name, {})
         for shard in shards:
-            directory = self.store.shard_path(n.name, state["key"], shard.index, shard.count)
-            manifest = self.store.read_manifest(directory)
+            manifest = info.get(shard.index)
+            if manifest is None:  # not seen by this driver (committed by another): read it
+                manifest = self.store.read_manifest(
+                    self.store.shard_path(n.name, state["key"], shard.index, shard.count)) or {}
             outputs = outputs or manifest.get("outputs", {})
             for k, v in manifest.get("metrics", {}).items():
                 summed[k] = summed.get(k, 0) + v
@@ -321,7 +368,8 @@ class Runner:
         if "tokens" in summed and state["shards"]["ran"] == len(shards):
             metrics["tokens_per_s"] = summed["tokens"] / wall
         directory = self.store.node_path(n.name, state["key"])
-        if self.store.committed(directory) is not None:  # a concurrent run sealed it first
+        if self.store.read_manifest(directory) is not None:  # a concurrent run sealed it first (its shards
+            # are the ones this run saw committed: one manifest read, not one per shard)
             self._complete(n.name, "ran" if state["shards"]["ran"] else "cached", metrics, rows=rows, bytes=nbytes)
             self._drop_pool(n.name)
             return
@@ -339,7 +387,7 @@ class Runner:
         state["seconds"] = state["finished"] - state.get("started", state["finished"])
         self._close_lineage(name, metrics, {"output_uri": state["output_uri"], "seconds": f"{state['seconds']:.3f}",
                                             "ray_job_id": self.record.data.get("ray_job_id", "none")})
-        self._advance()
+        self._advance(name)
 
     def _fail(self, name: str, exc: BaseException) -> None:
         state = self._state(name)
@@ -356,8 +404,16 @@ class Runner:
             for actor in pool.actors:
                 ray.kill(actor, no_restart=True)
 
-    def _advance(self) -> None:
-        if self.progress is not None and "_nodes" in self._bars:
+    def _advance(self, name: str) -> None:
+        """`name` settled (done, failed or skipped): its dependents, and training nodes waiting for CPUs,
+        are looked at next."""
+        self._candidates.update(self._dependents[name])
+        if self._deferred:
+            self._candidates |= self._deferred
+            self._deferred.clear()
+        now = time.monotonic()
+        if self.progress is not None and "_nodes" in self._bars and now - self._progress_at > 0.2:
+            self._progress_at = now
             done = sum(s["status"] in DONE + ("failed", "skipped") for s in self.record.nodes.values())
             self.progress.update(self._bars["_nodes"], completed=done)
 
@@ -378,6 +434,7 @@ class Runner:
         self._state(exc.node)["recomputed_after_corruption"] = True
         if name != exc.node:
             self._state(name)["status"] = "pending"
+            self._candidates.add(name)
         return True
 
     def _on_result(self, ref) -> None:
@@ -392,6 +449,9 @@ class Runner:
                 self.pools[name].inflight[actor_index] -= 1
         else:
             shard = extra
+            if kind == "shard":
+                self._submitted[name] -= 1
+                self._feed_tasks(n)
         try:
             result = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a task's failure is data for the run record
@@ -420,6 +480,7 @@ class Runner:
         else:
             state["shards"]["ran" if result["status"] == "ran" else "cached"] += 1
             state["shards"]["pending"] -= 1
+            self._shard_info.setdefault(name, {})[shard.index] = _shard_summary(result)
             if name in self._bars:
                 self.progress.advance(self._bars[name])
             if name in self.pools:
@@ -446,7 +507,7 @@ class Runner:
         log.error("node %s failed: %s", name, state["error"])
         self._close_lineage(name, {"shards_ran": state["shards"]["ran"], "shards_failed": len(failed)})
         self._drop_pool(name)
-        self._advance()
+        self._advance(name)
 
     # --- main loop -------------------------------------------------------------------------
     def run(self) -> bool:
@@ -478,9 +539,14 @@ class Runner:
         return ok
 
     def _loop(self) -> None:
+        import ray
+
         while True:
-            for n in self.graph:
-                state = self._state(n.name)
+            batch = sorted(self._candidates, key=self._order.__getitem__)  # graph order, as a full scan had
+            self._candidates.clear()
+            for name in batch:
+                n = self.graph[name]
+                state = self._state(name)
                 if state["status"] != "pending":
                     continue
                 ups = [self._state(u.name)["status"] for u in n.upstream()]
@@ -489,20 +555,32 @@ class Runner:
                     state["error"] = "an upstream node failed"
                     self._open_lineage(n, False)
                     self._close_lineage(n.name)
-                    self._advance()
+                    self._advance(name)
                 elif all(s in DONE for s in ups):
                     self._start(n)
             self.record.save(force=False)
             if not self.inflight:
+                if self._candidates:
+                    continue
                 pending = [n.name for n in self.graph if self._state(n.name)["status"] == "pending"]
                 if not pending:
                     return
-                if not any(all(self._state(u.name)["status"] in DONE for u in self.graph[p].upstream())
-                           for p in pending):
+                startable = [p for p in pending
+                             if all(self._state(u.name)["status"] in DONE for u in self.graph[p].upstream())]
+                if not startable:
                     raise RuntimeError(f"scheduler stalled with pending nodes {pending}")
-                continue  # a recovery put nodes back to pending; schedule them
-            import ray
-
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+                self._candidates.update(startable)  # a recovery put nodes back to pending; schedule them
+                continue
+            refs = list(self.inflight)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready and rest:  # take every result that is already there, not one per wait
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
             for ref in ready:
                 self._on_result(ref)
+
+
+def _shard_summary(manifest: dict) -> dict:
+    """What sealing a sharded node needs of one shard (from its manifest or its task's summary)."""
+    return {"rows": manifest.get("rows") or 0, "bytes": manifest.get("bytes") or 0, "digest": manifest.get("digest"),
+            "metrics": manifest.get("metrics") or {}, "outputs": manifest.get("outputs") or {}}
