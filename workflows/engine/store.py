@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -505,6 +504,8 @@ class Store:
             # tensors, JSON, ...: one value per shard, in shard order (e.g. per-example gradient blocks)
             return [self._load_one(d, m["outputs"][output]) for d, m in zip(shard_dirs, shard_manifests)
                     if output in m["outputs"]]
+        import pyarrow.dataset as pads  # imported here: it loads pandas, which `interpflow ls` never needs
+
         names = [output] if output else [n for n, o in manifest["outputs"].items() if o["kind"] == "table"]
         datasets = {}
         for name in names:
