@@ -100,9 +100,9 @@ def plan_ids(store_uri: str, ids_fn: Callable, config: BaseModel | None, inputs:
     return list(ids_fn(config, **load_inputs(store, inputs, verify)))
 
 
-def commit_result(job: Job, result: Any, timings: dict[str, float]) -> dict:
+def commit_result(job: Job, result: Any, timings: dict[str, float], store: Store | None = None) -> dict:
     """Commit a task's return value as the node's (or shard's) outputs; return the manifest."""
-    store = Store(job.store_uri)
+    store = store or Store(job.store_uri)
     computed = time.time()
     outputs = normalise_outputs(result)
     metrics = outputs.get("metrics") if isinstance(outputs.get("metrics"), dict) else {}
@@ -150,11 +150,10 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
             manifest.setdefault("timings", {})["compute_s"] = time.time() - loaded
         else:
             result = job.fn(job.config, **kwargs)
-            manifest = commit_result(job, result, {"load_s": loaded - started, "compute_s": time.time() - loaded})
-    if job.shard is None and job.mlflow_run_id:
-        from interpflow.workflows.engine.lineage import log_node_outputs
-
-        log_node_outputs(job.mlflow_uri, job.mlflow_run_id, store, directory, manifest)
+            manifest = commit_result(job, result, {"load_s": loaded - started, "compute_s": time.time() - loaded},
+                                     store)
+    # MLflow: the driver logs the node's metrics, figures and models from the summary and the store; a
+    # worker writes into the tracking store only from node code that asks for its run (training, sweeps)
     return _summary(job, manifest, "ran")
 
 

@@ -28,6 +28,7 @@ from interpflow.workflows.engine.store import CorruptArtifact, Store, content_di
 log = logging.getLogger("interpflow")
 
 DONE = ("ran", "cached")
+_UNFETCHED = object()
 
 
 def key_parts(n: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
@@ -437,7 +438,7 @@ class Runner:
             self._candidates.add(name)
         return True
 
-    def _on_result(self, ref) -> None:
+    def _on_result(self, ref, value: Any = _UNFETCHED) -> None:
         import ray
 
         kind, name, extra = self.inflight.pop(ref)
@@ -453,7 +454,7 @@ class Runner:
                 self._submitted[name] -= 1
                 self._feed_tasks(n)
         try:
-            result = ray.get(ref)
+            result = ray.get(ref) if value is _UNFETCHED else value
         except Exception as exc:  # noqa: BLE001 - a task's failure is data for the run record
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, CorruptArtifact) and kind != "shard" and self._recover_corrupt(name, cause):
@@ -576,8 +577,12 @@ class Runner:
             if ready and rest:  # take every result that is already there, not one per wait
                 more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
                 ready += more
-            for ref in ready:
-                self._on_result(ref)
+            try:  # one get for the batch; a failed task's error is taken up by its own get below
+                values = ray.get(ready)
+            except Exception:  # noqa: BLE001
+                values = [_UNFETCHED] * len(ready)
+            for ref, value in zip(ready, values):
+                self._on_result(ref, value)
 
 
 def _shard_summary(manifest: dict) -> dict:
