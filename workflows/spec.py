@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,48 @@ WORKFLOWS: dict[str, str] = {
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema for plain scalars, for spec files and overrides.
+
+    PyYAML implements YAML 1.1, where `lr: 1e-2` is the string "1e-2" (1.1 floats need a dot) and
+    `yes`/`no`/`on`/`off` are booleans (`country: no` became False). Under the 1.2 core schema a bool is
+    only true/false, null is null/~/empty, ints are decimal (`010` is ten), `0o17` or `0x1f`, floats
+    include `1e-2`, `.5`, `.inf` and `.nan`, and everything else is a string (`yes`, `off`, `1_000`,
+    `2024-01-01`, `12:30`). Quoted scalars and explicit tags (`!!bool yes`) are as before."""
+
+
+_TAG = "tag:yaml.org,2002:"
+_CORE_SCHEMA = [  # (tag, pattern, the characters a matching scalar can start with), tried in this order
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+     "-+0123456789."),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+]
+# YAML 1.1's own resolvers for these, and its timestamp and `=` value types, go; the merge key `<<` stays.
+_DROPPED = {_TAG + name for name in ("bool", "int", "float", "null", "timestamp", "value")}
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _DROPPED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _name, _pattern, _first in _CORE_SCHEMA:
+    Yaml12Loader.add_implicit_resolver(_TAG + _name, re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _construct_int(loader: Yaml12Loader, node: yaml.ScalarNode) -> int:
+    value = str(loader.construct_scalar(node))
+    if value.startswith(("0o", "0x")):
+        return int(value[2:], 8 if value[1] == "o" else 16)
+    return int(value)  # YAML 1.2: a leading 0 is no octal prefix
+
+
+Yaml12Loader.add_constructor(_TAG + "int", _construct_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values under the YAML 1.2 core schema (see `Yaml12Loader`)."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class SpecError(ValueError):
     """A spec problem a user can fix; the CLI prints it and exits with code 2.
 
@@ -70,8 +113,13 @@ class Spec:
 
     def digest(self) -> str:
         """Identity of what this spec computes (workflow + config); run settings excluded."""
-        payload = {"workflow": self.workflow, "config": self.config.model_dump(mode="json")}
-        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+        return spec_digest(self.workflow, self.config.model_dump(mode="json"))
+
+
+def spec_digest(workflow: str, config: dict) -> str:
+    """`Spec.digest` from a workflow name and its config as JSON-ready data (a run record keeps both)."""
+    payload = {"workflow": workflow, "config": config}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
 def workflow_builder(name: str) -> tuple[Callable, type[BaseModel]]:
@@ -120,7 +168,7 @@ def read_yaml(path: Path) -> dict:
         raise SpecError(f"spec: cannot read '{path}' ({exc.strerror or exc}). Fix: give a readable YAML spec "
                         "file") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -135,14 +183,14 @@ def read_yaml(path: Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """`sae.k=64` sets data['sae']['k'] = 64 (values parsed as YAML: numbers, bools, lists)."""
+    """`sae.k=64` sets data['sae']['k'] = 64 (values parsed as YAML 1.2: numbers, true/false, lists)."""
     data = copy.deepcopy(data)
     for item in overrides:
         path, sep, value = item.partition("=")
         if not sep or not path.strip():
             raise SpecError(f"override {item!r}: expected FIELD=VALUE, e.g. square.power=3")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = parse_yaml(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
         target = data
