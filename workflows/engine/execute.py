@@ -171,3 +171,31 @@ def _summary(job: Job, manifest: dict | None, status: str) -> dict:
         "timings": manifest.get("timings", {}),
         "produced_by": manifest.get("produced_by", {}),
     }
+
+
+def execute_shards(jobs: list[Job], retryable: tuple[type, ...] = ()) -> list[dict]:
+    """Run several shards of one node in one Ray task, each computed and committed on its own (a node of
+    many small shards would otherwise pay a task per shard). A shard's failure is returned as data, its
+    CorruptArtifact kept so the driver can recompute the damaged input; an error of a class Ray retries is
+    raised once the others ran, so Ray retries the task and the committed shards are cache hits."""
+    import traceback
+
+    from interpflow.workflows.engine.store import CorruptArtifact
+
+    outcomes: list[dict] = []
+    transient: BaseException | None = None
+    for job in jobs:
+        try:
+            outcomes.append(execute_job(job))
+        except retryable as exc:
+            transient = transient or exc
+            outcomes.append({})
+        except Exception as exc:  # noqa: BLE001 - a shard's failure is data for the run record
+            line = f"{type(exc).__name__}: {exc}"
+            outcomes.append({"error": exc if isinstance(exc, CorruptArtifact) else None, "line": line,
+                             "text": f"Traceback (most recent call last), on the Ray worker {socket.gethostname()}:\n"
+                                     + "".join(traceback.format_exception(exc)[1:])})
+    if transient is not None:
+        raise transient
+    return outcomes
+

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from interpflow.workflows.engine.execute import InputRef, Job, execute_job, plan_ids
+from interpflow.workflows.engine.execute import InputRef, Job, execute_job, execute_shards, plan_ids
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
 from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
 from interpflow.workflows.engine.lineage import Lineage, log_figures
@@ -114,7 +114,7 @@ class Runner:
         self._queued: dict[str, deque] = {}  # node -> shard jobs waiting for a slot in the window
         self._submitted: dict[str, int] = {}  # node -> shard tasks in flight
         self._shard_info: dict[str, dict[int, dict]] = {}
-        self._windows: dict[str, int] = {}
+        self._windows: dict[str, tuple[int, int]] = {}  # node -> (tasks in flight, shards a task)
         self._progress_at = 0.0
         attempt = {"started": time.time()}
         self.record.data.setdefault("attempts", []).append(attempt)
@@ -161,6 +161,7 @@ class Runner:
             self._retry_options = {"max_retries": self.settings.max_retries, "retry_exceptions": retry}
             self._remote = {
                 "execute": ray.remote(execute_job),
+                "shards": ray.remote(execute_shards),
                 "plan": ray.remote(plan_ids).options(num_cpus=0.25, **self._retry_options),
             }
         return self._remote
@@ -326,13 +327,22 @@ class Runner:
         queue = self._queued.get(n.name)
         if not queue:
             return
-        window = max(16, 4 * int(ray.cluster_resources().get("CPU", 1))) if n.name not in self._windows \
-            else self._windows[n.name]
-        self._windows[n.name] = window
-        execute = self._remotes()["execute"].options(**self._task_options(n))
+        if n.name not in self._windows:
+            # A window of tasks, each running a group of shards once there are many more shards than task
+            # slots (up to 64 a task, at least 4 tasks per slot), so a small shard does not pay a whole task.
+            window = max(16, 4 * int(ray.cluster_resources().get("CPU", 1)))
+            self._windows[n.name] = (window, max(1, min(64, len(queue) // (4 * window))))
+        window, group = self._windows[n.name]
+        options = self._task_options(n)
         while queue and self._submitted[n.name] < window:
-            shard = queue.popleft()
-            self.inflight[execute.remote(self._job(n, shard))] = ("shard", n.name, shard)
+            shards = [queue.popleft() for _ in range(min(group, len(queue)))]
+            if len(shards) == 1:
+                ref = self._remotes()["execute"].options(**options).remote(self._job(n, shards[0]))
+                self.inflight[ref] = ("shard", n.name, shards[0])
+            else:
+                retryable = tuple(self._retry_options.get("retry_exceptions") or ())
+                ref = self._remotes()["shards"].options(**options).remote([self._job(n, s) for s in shards], retryable)
+                self.inflight[ref] = ("shards", n.name, shards)
             self._submitted[n.name] += 1
 
     def _feed_pool(self, name: str) -> None:
@@ -443,33 +453,25 @@ class Runner:
 
         kind, name, extra = self.inflight.pop(ref)
         n = self.graph[name]
-        state = self._state(name)
         if kind == "shard" and isinstance(extra, tuple):
             shard, actor_index = extra
             if name in self.pools:
                 self.pools[name].inflight[actor_index] -= 1
         else:
             shard = extra
-            if kind == "shard":
+            if kind in ("shard", "shards"):
                 self._submitted[name] -= 1
                 self._feed_tasks(n)
         try:
             result = ray.get(ref) if value is _UNFETCHED else value
         except Exception as exc:  # noqa: BLE001 - a task's failure is data for the run record
             cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, CorruptArtifact) and kind != "shard" and self._recover_corrupt(name, cause):
+            if isinstance(cause, CorruptArtifact) and kind not in ("shard", "shards") \
+                    and self._recover_corrupt(name, cause):
                 return
-            if kind == "shard":
-                state["shards"]["pending"] -= 1
-                state.setdefault("failed_shards", []).append(shard.index)
-                line, text = describe_failure(exc)
-                state["error"] = state["error"] or f"shard {shard.index}: {line}"
-                state["traceback"] = state["traceback"] or f"shard {shard.index}: {text}"
-                if isinstance(cause, CorruptArtifact):
-                    self._recover_corrupt(name, cause)
-                if name in self.pools:
-                    self._feed_pool(name)
-                self._maybe_close_failed_shards(name)
+            if kind in ("shard", "shards"):
+                for one in (shard if kind == "shards" else [shard]):
+                    self._shard_failed(name, one, *describe_failure(exc), cause)
                 return
             self._fail(name, exc)
             return
@@ -478,19 +480,41 @@ class Runner:
         elif kind == "node":  # "cached" here: another process committed the same key first
             self._complete(name, "ran" if result["status"] == "ran" else "cached", result.get("metrics"),
                            rows=result.get("rows"), bytes=result.get("bytes"), produced_by=result.get("produced_by"))
-        else:
-            state["shards"]["ran" if result["status"] == "ran" else "cached"] += 1
-            state["shards"]["pending"] -= 1
-            self._shard_info.setdefault(name, {})[shard.index] = _shard_summary(result)
-            if name in self._bars:
-                self.progress.advance(self._bars[name])
-            if name in self.pools:
-                self._feed_pool(name)
-            if state["shards"]["pending"] == 0:
-                if state.get("failed_shards") or state["status"] == "pending":
-                    self._maybe_close_failed_shards(name)
+        elif kind == "shards":
+            for one, outcome in zip(shard, result):
+                if "line" in outcome:
+                    self._shard_failed(name, one, outcome["line"], outcome["text"], outcome["error"])
                 else:
-                    self._finish_sharded(n)
+                    self._shard_done(name, one, outcome)
+        else:
+            self._shard_done(name, shard, result)
+
+    def _shard_done(self, name: str, shard, result: dict) -> None:
+        state = self._state(name)
+        state["shards"]["ran" if result["status"] == "ran" else "cached"] += 1
+        state["shards"]["pending"] -= 1
+        self._shard_info.setdefault(name, {})[shard.index] = _shard_summary(result)
+        if name in self._bars:
+            self.progress.advance(self._bars[name])
+        if name in self.pools:
+            self._feed_pool(name)
+        if state["shards"]["pending"] == 0:
+            if state.get("failed_shards") or state["status"] == "pending":
+                self._maybe_close_failed_shards(name)
+            else:
+                self._finish_sharded(self.graph[name])
+
+    def _shard_failed(self, name: str, shard, line: str, text: str, cause: BaseException | None) -> None:
+        state = self._state(name)
+        state["shards"]["pending"] -= 1
+        state.setdefault("failed_shards", []).append(shard.index)
+        state["error"] = state["error"] or f"shard {shard.index}: {line}"
+        state["traceback"] = state["traceback"] or f"shard {shard.index}: {text}"
+        if isinstance(cause, CorruptArtifact):
+            self._recover_corrupt(name, cause)
+        if name in self.pools:
+            self._feed_pool(name)
+        self._maybe_close_failed_shards(name)
 
     def _maybe_close_failed_shards(self, name: str) -> None:
         state = self._state(name)
