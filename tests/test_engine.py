@@ -83,12 +83,56 @@ def test_failed_node_skips_dependents_then_resume_runs_only_the_rest(settings, t
     result = CliRunner().invoke(app, ["status", failed.run_id, "--store", settings.store])
     assert result.exit_code == 1 and "fault drill" in result.output and "Traceback" in result.output
 
-    marker.unlink()  # fix the fault, then resume the same run
+    marker.unlink()  # fix the fault, then resume the run: a new run that names it as its origin
     resumed = interpflow.resume(failed.run_id, settings.store, progress=False)
     status = {n: s["status"] for n, s in resumed.nodes().items()}
-    assert resumed.ok and resumed.run_id == failed.run_id
+    assert resumed.ok and resumed.run_id != failed.run_id and resumed.record.origin == failed.run_id
     assert status == {"make_numbers": "cached", "transform_shard": "cached", "histogram": "cached",
                       "summarise": "ran", "report": "ran"}
+    # the original run's history stays as it was: what it computed, what failed
+    original = interpflow.workflows.api.load_record(failed.run_id, settings.store)
+    assert original.data == failed.record.data
+    assert {n: s["status"] for n, s in original.nodes.items()} == {n: s["status"] for n, s in states.items()}
+
+
+def test_explain_after_a_resume_names_the_run_that_computed_each_node(settings, tmp_path):
+    """A failed run, its resume through the CLI (a new run, printed), then a fully cached run: `explain` on
+    the last names, for each node, the run that computed it (a resume once rewrote the original's statuses,
+    and explain then called a cache hit "key is new")."""
+    marker = tmp_path / "fault"
+    marker.write_text("on")
+    spec = {"workflow": "demo", "numbers": {"n": 400}, "num_shards": 4, "summary": {"fail_marker": str(marker)}}
+    failed = interpflow.run(spec, settings=settings, progress=False)
+    assert not failed.ok
+    marker.unlink()
+    result = CliRunner().invoke(app, ["resume", failed.run_id, "--store", settings.store, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    new_id = result.output.split("new run: ")[1].split()[0]
+    resumed = interpflow.open_run(new_id, settings.store)
+    assert resumed.ok and resumed.record.origin == failed.run_id and new_id != failed.run_id
+    listing = CliRunner().invoke(app, ["ls", "--store", settings.store]).output
+    (row,) = [line for line in listing.splitlines() if new_id in line]
+    assert row.split("│")[-2].strip() == failed.run_id  # ls shows the origin
+    assert interpflow.workflows.api.load_record(failed.run_id, settings.store).nodes["make_numbers"]["status"] == "ran"
+
+    again = interpflow.run(spec, settings=settings, progress=False)
+    assert {s["status"] for s in again.nodes().values()} == {"cached"}
+    computed_by = {"make_numbers": failed.run_id, "transform_shard": failed.run_id, "histogram": failed.run_id,
+                   "summarise": new_id, "report": new_id}
+    for node, run_id in computed_by.items():
+        (line,) = explain_node(again.record, node, settings.store)
+        assert "cache hit" in line and f"computed by run {run_id}" in line, line
+    (line,) = explain_node(resumed.record, "make_numbers", settings.store)
+    assert f"computed by run {failed.run_id}" in line
+    (line,) = explain_node(resumed.record, "summarise", settings.store)
+    assert "is new" in line  # the failed run never computed it
+
+    # the same spec under an existing run id continues that run as a new attempt (today's meaning)
+    named = demo(settings, run_id="named")  # no fail marker: summarise has a key of its own, computed here
+    assert named.nodes()["summarise"]["status"] == "ran"
+    again = demo(settings, run_id="named")
+    assert again.run_id == "named" and len(again.record.data["attempts"]) == 2
+    assert "named itself, in an earlier attempt" in explain_node(again.record, "summarise", settings.store)[0]
 
 
 def test_corrupt_artifact_is_detected_on_read_and_recomputed(settings):

@@ -9,21 +9,23 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.dataset as pads
 from pydantic import BaseModel
 
-from interpflow.workflows.engine.graph import Graph
 from interpflow.workflows.engine.lineage import Lineage, code_version
-from interpflow.workflows.engine.record import RunRecord, check_run_id, new_run_id, reap_orphans
-from interpflow.workflows.engine.runner import Runner
+from interpflow.workflows.engine.record import RecordError, RunRecord, check_run_id, new_run_id, reap_orphans
 from interpflow.workflows.engine.settings import RunSettings
 from interpflow.workflows.engine.store import Store
-from interpflow.workflows.spec import Spec, check_settings, load_spec, workflow_of_config
+from interpflow.workflows.spec import Spec, check_settings, load_spec, spec_digest, workflow_of_config
+
+if TYPE_CHECKING:  # the runner, graph and pyarrow load when a run starts or a table opens, not on import
+    import pyarrow as pa
+
+    from interpflow.workflows.engine.graph import Graph
 
 __all__ = ["RunHandle", "VerifyReport", "load_spec", "resume", "run", "run_graph", "verify"]
 
@@ -65,6 +67,9 @@ class RunHandle:
         return self.store.load(directory, manifest, output)
 
     def table(self, node: str, output: str | None = None) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.dataset as pads
+
         value = self.outputs(node, output)
         if isinstance(value, pads.Dataset):
             return value.to_table()
@@ -92,15 +97,23 @@ def _progress(settings: RunSettings, progress: bool | None):
 
 def run_graph(graph: Graph, settings: RunSettings | None = None, *, workflow: str = "graph",
               spec: dict | None = None, config: dict | None = None, run_id: str | None = None,
-              progress: bool | None = None) -> RunHandle:
-    """Run (or, given an existing `run_id`, resume) a graph built in code."""
+              progress: bool | None = None, origin: str | None = None) -> RunHandle:
+    """Run a graph built in code. Given the `run_id` of an existing run of the same workflow and config,
+    continue that run as a new attempt of it (committed nodes are reused; its record lists the attempts);
+    the id of a run of another spec, or of a run whose driver is still alive, is refused (RecordError).
+    `origin` names the run this new run resumes (see `resume`)."""
+    from interpflow.workflows.engine.runner import Runner
+
     settings = settings or RunSettings()
     store = Store(settings.resolved_store())
+    digest = spec_digest(workflow, config or {})
     if run_id is not None and RunRecord.exists(store, check_run_id(run_id)):
         record = RunRecord.load(store, run_id)
+        _check_reuse(record, workflow, digest)
     else:
         record = RunRecord.create(store, run_id or new_run_id(workflow), workflow, spec or {}, config or {},
-                                  settings.model_dump(mode="json") | {"store": store.uri})
+                                  settings.model_dump(mode="json") | {"store": store.uri},
+                                  spec_digest=digest, origin=origin)
     lineage = _open_lineage(settings)
     for orphan, open_runs in reap_orphans(store):  # runs whose driver died: killed, in MLflow too
         if lineage is not None and orphan.data.get("tracking_uri") == lineage.uri:
@@ -117,8 +130,22 @@ def run_graph(graph: Graph, settings: RunSettings | None = None, *, workflow: st
     return RunHandle(store, record, graph)
 
 
+def _check_reuse(record: RunRecord, workflow: str, digest: str) -> None:
+    """Refuse to continue `record` as a run of another spec, or while its driver is alive (one line)."""
+    if record.spec_digest != digest:
+        theirs = record.data.get("workflow")
+        what = f"workflow '{theirs}'" if theirs != workflow else f"spec digest {record.spec_digest[:12]}"
+        raise RecordError(f"run id '{record.run_id}' exists with a different spec ({what}; this spec's digest is "
+                          f"{digest[:12]}). Fix: give another --run-id, or none for a new one")
+    driver = record.data.get("driver") or {}
+    if record.status == "running" and driver.get("pid") != os.getpid():
+        raise RecordError(f"run '{record.run_id}' is still running (driver pid {driver.get('pid')} on "
+                          f"{driver.get('host')}). Fix: wait for it to end, or give another --run-id")
+
+
 def run(spec: str | Path | dict | BaseModel | Spec, overrides: list[str] | tuple[str, ...] = (), *,
-        settings: RunSettings | None = None, run_id: str | None = None, progress: bool | None = None) -> RunHandle:
+        settings: RunSettings | None = None, run_id: str | None = None, progress: bool | None = None,
+        origin: str | None = None) -> RunHandle:
     """Run a spec file, a bundled spec name, a spec dict, or a workflow config object."""
     if isinstance(spec, BaseModel):
         name = workflow_of_config(spec)
@@ -130,7 +157,7 @@ def run(spec: str | Path | dict | BaseModel | Spec, overrides: list[str] | tuple
         spec.settings = settings
     graph = spec.builder(spec.config)
     return run_graph(graph, spec.settings, workflow=spec.workflow, spec=spec.raw,
-                     config=spec.config.model_dump(mode="json"), run_id=run_id, progress=progress)
+                     config=spec.config.model_dump(mode="json"), run_id=run_id, progress=progress, origin=origin)
 
 
 def open_store(store: str | None = None) -> Store:
@@ -138,9 +165,13 @@ def open_store(store: str | None = None) -> Store:
     return Store(RunSettings(**({"store": store} if store else {})).resolved_store())
 
 
-def resume(run_id: str, store: str | None = None, progress: bool | None = None) -> RunHandle:
-    """Re-run a recorded spec run: committed nodes and shards are reused, the rest runs.
+def resume(run_id: str, store: str | None = None, progress: bool | None = None,
+           new_id: str | None = None) -> RunHandle:
+    """Resume a recorded spec run as a new run: committed nodes and shards are reused, the rest runs.
 
+    As in Metaflow, a resume is a NEW run (`new_id`, default a fresh id) whose record names the run it
+    resumes (`record.origin`); the original's record stays as that run left it, so its history (what it
+    computed, what failed) stays readable, and `interpflow explain` names the run that computed each node.
     The run resumes in the store its record was found in (a store moved or mounted elsewhere stays one
     store), with MLflow beside it unless the run named a tracking URI of its own."""
     st = open_store(store)
@@ -153,7 +184,9 @@ def resume(run_id: str, store: str | None = None, progress: bool | None = None) 
     recorded["store"] = st.uri  # a recorded tracking_uri of None keeps MLflow beside this store
     spec.settings = RunSettings(**{k: v for k, v in recorded.items() if k in RunSettings.model_fields})
     check_settings(spec.settings)
-    return run(spec, run_id=run_id, progress=progress)
+    if new_id is not None and RunRecord.exists(st, check_run_id(new_id)):
+        raise RecordError(f"run id '{new_id}' exists already. Fix: give another id for the resumed run, or none")
+    return run(spec, run_id=new_id, progress=progress, origin=record.run_id)
 
 
 def open_run(run_id: str, store: str | None = None) -> RunHandle:

@@ -54,10 +54,18 @@ class RunRecord:
         self._save_s = 0.0
 
     @classmethod
-    def create(cls, store: Store, run_id: str, workflow: str, spec: dict, config: dict, settings: dict) -> "RunRecord":
-        return cls(store, {"run_id": check_run_id(run_id), "workflow": workflow, "spec": spec, "config": config,
-                           "settings": settings, "status": "running", "created": time.time(),
-                           "attempts": [], "nodes": {}})
+    def create(cls, store: Store, run_id: str, workflow: str, spec: dict, config: dict, settings: dict, *,
+               spec_digest: str | None = None, origin: str | None = None) -> "RunRecord":
+        """A new run's record. `origin` names the run this one resumes (a resume is a new run, so the
+        origin's own record stays as that run left it); `spec_digest` is what the run computes
+        (`spec.spec_digest`), so that reusing its run id for another spec can be refused."""
+        data = {"run_id": check_run_id(run_id), "workflow": workflow, "spec": spec, "config": config,
+                "settings": settings, "status": "running", "created": time.time(), "attempts": [], "nodes": {}}
+        if spec_digest is not None:
+            data["spec_digest"] = spec_digest
+        if origin is not None:
+            data["origin"] = check_run_id(origin)
+        return cls(store, data)
 
     @classmethod
     def path_of(cls, store: Store, run_id: str) -> str:
@@ -116,6 +124,20 @@ class RunRecord:
     @property
     def nodes(self) -> dict[str, dict]:
         return self.data["nodes"]
+
+    @property
+    def origin(self) -> str | None:
+        """The run this run resumes, if it is a resume."""
+        return self.data.get("origin")
+
+    @property
+    def spec_digest(self) -> str:
+        """What the run computes (workflow + config); records written before it was kept derive it."""
+        if isinstance(self.data.get("spec_digest"), str):
+            return self.data["spec_digest"]
+        from interpflow.workflows.spec import spec_digest
+
+        return spec_digest(self.data["workflow"], self.data.get("config") or {})
 
     def node(self, name: str) -> dict:
         return self.data["nodes"][name]
