@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,16 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) ->
     """Run the real `interpflow` console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "interpflow.workflows.cli", *args], cwd=cwd, timeout=timeout,
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def resumed_record(store: Path, done: subprocess.CompletedProcess, origin: str) -> tuple[Path, dict]:
+    """The record of the new run that `interpflow resume ORIGIN` (`done`) printed: a resume is a new run
+    whose record names its origin, and the origin's own record stays as that run left it."""
+    new_id = done.stdout.split("new run: ")[-1].split()[0]
+    path = store / "runs" / new_id / "record.json"
+    record = json.loads(path.read_text())
+    assert record["origin"] == origin and new_id != origin, (new_id, origin)
+    return path, record
 
 
 def spec_file(path: Path, store: Path, **sections) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import interpflow
-from support import cli, run_then_kill
+from support import cli, resumed_record, run_then_kill
 
 SMALL = {"workflow": "extract", "corpus": {"n_examples": 300}, "lm": {"steps": 40, "n_layer": 2},
          "extract": {"sites": ["embed", "blocks.1.mlp_out"], "batch_size": 16},
@@ -126,7 +126,7 @@ def test_driver_sigkill_mid_extraction_then_resume(tmp_path):
     run_id = json.loads(next(store.glob("runs/*/record.json")).read_text())["run_id"]
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    record = json.loads(next(store.glob("runs/*/record.json")).read_text())
+    _, record = resumed_record(store, resumed, run_id)
     assert record["nodes"]["activations"]["shards"] == {"total": 12, "ran": 12 - committed, "cached": committed,
                                                         "pending": 0}
     clean_path, clean_store = spec("clean")

@@ -352,7 +352,9 @@ def test_a_moved_store_resumes_where_it_is_found_with_mlflow_beside_it(tmp_path,
 
 
 def test_resume_after_the_mlflow_database_was_deleted_starts_a_new_parent_run(tmp_path):
+    import yaml
     from support import cli as cli_process
+    from support import resumed_record
 
     settings = RunSettings(store=str(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                            progress=False)
@@ -361,6 +363,13 @@ def test_resume_after_the_mlflow_database_was_deleted_starts_a_new_parent_run(tm
     (tmp_path / "mlflow.db").unlink()
     # a new process, as a user's would be: this one's MLflow keeps the deleted file open
     done = cli_process("resume", handle.run_id, "--store", settings.store, "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert resumed_record(Path(settings.store), done, handle.run_id)[1]["mlflow_run_id"] != old_parent
+    # A resume is a new run with a parent of its own; the same spec under the same run id continues that
+    # run, whose recorded parent is gone with the database: it starts a new parent that notes the old one.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "run": {"store": settings.store, "tracking_uri": settings.tracking_uri}}))
+    done = cli_process("run", str(spec), "--run-id", handle.run_id, "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     resumed = interpflow.open_run(handle.run_id, settings.store)
     assert resumed.mlflow_run_id != old_parent

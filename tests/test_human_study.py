@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import interpflow
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill
+from support import cli, resumed_record, run_then_kill
 from support_endpoint import FlakyServer
 
 SECRET = "sk-interpflow-test-4c1d9e-NEVER-LOG-ME"
@@ -159,7 +159,7 @@ def test_driver_killed_mid_study_resumes_only_missing_participants(tmp_path, mon
         (record,) = [json.loads(p.read_text()) for p in store.glob("runs/*/record.json")]
         resumed = cli("resume", record["run_id"], "--store", str(store), "--no-progress", cwd=tmp_path, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    after = json.loads(next(store.glob("runs/*/record.json")).read_text())
+    _, after = resumed_record(store, resumed, record["run_id"])
     shards = after["nodes"]["conversations"]["shards"]
     assert shards["ran"] == 8 - len(before) and shards["cached"] == len(before)
     import pyarrow.dataset as pads

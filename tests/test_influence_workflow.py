@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 SMALL = {"workflow": "influence", "planted": {"n_train": 96, "n_probe": 60, "n_query": 8, "n_heldout": 16},
          "lm": {"steps": 100, "n_layer": 2}, "finetune": {"steps": 30, "checkpoint_every": 15}, "num_shards": 6,
@@ -64,7 +64,8 @@ def test_killed_gradient_node_resumes_missing_shards_to_the_same_scores(tmp_path
 
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    record = json.loads(record_path.read_text())
+    _, record = resumed_record(store, resumed, run_id)
+    run_id = record["run_id"]  # the resumed run: the one that finished every node
     shards_run = record["nodes"]["gradients"]["shards"]
     assert (shards_run["ran"], shards_run["cached"]) == (6 - len(committed), len(committed))
     for name, digest in committed.items():                          # committed shards were not rewritten

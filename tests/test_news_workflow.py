@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 SHARDS = 6
 SMALL = {"workflow": "news_benchmark",
@@ -62,7 +62,8 @@ def test_killed_embedding_resumes_by_shard_and_the_standin_checks_hold(tmp_path)
 
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    nodes = json.loads(record_path.read_text())["nodes"]
+    _, record = resumed_record(store, resumed, run_id)
+    run_id, nodes = record["run_id"], record["nodes"]  # the resumed run: the one that finished every node
     shards = nodes["video_embeddings"]["shards"]
     assert (shards["ran"], shards["cached"]) == (SHARDS - committed, committed)
     assert nodes["video_model"]["status"] == "cached" and nodes["standin"]["status"] == "cached"

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 import interpflow
 from interpflow.workflows.engine import RunSettings
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 KEY = "sk-persuasion-test-evaluator"
 os.environ["PERSUASION_KEY"] = KEY      # Ray workers inherit it when the local cluster starts
@@ -112,7 +112,7 @@ class TestOnLocalRay:
         run_id = json.loads(record.read_text())["run_id"]
         resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=shared, timeout=400)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        nodes = json.loads(record.read_text())["nodes"]
+        nodes = resumed_record(store, resumed, run_id)[1]["nodes"]
         shards = [nodes[n]["shards"] for n in nodes if n.startswith("conversations.")]
         assert sum(s["ran"] for s in shards) == 24 - before and sum(s["cached"] for s in shards) == before
         assert committed() == 24

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 TINY_MODEL = {"layers": 2, "hidden_size": 16, "heads": 2, "intermediate_size": 32, "patch_size": 8, "steps": 5,
               "batch_size": 8, "train_clips": 100, "eval_clips": 20}
@@ -45,7 +45,8 @@ def test_killed_extraction_resumes_by_shard_and_a_new_grid_reruns_only_its_probe
 
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    nodes = json.loads(record_path.read_text())["nodes"]
+    resumed_path, record = resumed_record(store, resumed, run_id)
+    run_id, nodes = record["run_id"], record["nodes"]  # the resumed run: the one that finished every node
     assert (nodes["activations"]["shards"]["ran"], nodes["activations"]["shards"]["cached"]) == (4 - committed, committed)
     assert nodes["video_model"]["status"] == "cached"
     assert all(n["status"] in ("ran", "cached") for n in nodes.values())
@@ -70,7 +71,7 @@ def test_killed_extraction_resumes_by_shard_and_a_new_grid_reruns_only_its_probe
     # a new ridge grid: only the ridge probes (speed) and the nodes after them run again
     rerun = cli("run", str(spec), "probes.grids.ridge=[100.0]", "--no-progress", cwd=tmp_path, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    (latest,) = [p for p in store.glob("runs/*/record.json") if p != record_path]
+    (latest,) = [p for p in store.glob("runs/*/record.json") if p not in (record_path, resumed_path)]
     again = json.loads(latest.read_text())["nodes"]
     ran = {name for name, n in again.items() if n["status"] == "ran"}
     assert {"activations", "random_activations", "video_model", "clips", "random_model"}.isdisjoint(ran)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from support import cli, run_then_kill, settled, spec_file
+from support import cli, resumed_record, run_then_kill, settled, spec_file
 
 def _shard_manifests(store: Path) -> list[Path]:
     return sorted(store.glob("transform_shard/*/shard-*/_manifest.json"))
@@ -38,10 +38,13 @@ def test_sigkill_mid_shards_then_resume_runs_only_missing_shards(tmp_path):
 
     resumed = cli("resume", record["run_id"], "--store", str(store), "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (record,) = _records(store)
+    killed = record
+    _, record = resumed_record(store, resumed, killed["run_id"])
     shards = record["nodes"]["transform_shard"]["shards"]
     assert shards["ran"] == 20 - committed and shards["cached"] == committed
     assert record["nodes"]["make_numbers"]["status"] == "cached"
+    original = json.loads((store / "runs" / killed["run_id"] / "record.json").read_text())
+    assert original["status"] == "killed" and original["nodes"]["transform_shard"]["status"] == "killed"
 
     clean_store = tmp_path / "b" / "store"
     clean = cli("run", str(spec_file(tmp_path / "b.yaml", clean_store, **sections)), "--no-progress", cwd=tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 WORLD = {"aligned_dialogues": 1000, "eval_prompts": 12, "attack_examples": 100, "countries": 8}
 TRIALS = 3
@@ -56,7 +56,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials_and_finds_the_
     run_id = json.loads(record_path.read_text())["run_id"]
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    nodes = json.loads(record_path.read_text())["nodes"]
+    nodes = resumed_record(store, resumed, run_id)[1]["nodes"]
     assert nodes["aligned_model"]["status"] == "cached"
     interrupted = _trials(store)
     assert sum(t["cached"] for t in interrupted) == done                  # finished trials were not run again
