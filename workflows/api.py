@@ -82,7 +82,8 @@ class RunHandle:
 
 
 def _open_lineage(settings: RunSettings) -> Lineage | None:
-    return Lineage(settings.resolved_tracking_uri(), settings.experiment) if settings.lineage else None
+    return Lineage(settings.resolved_tracking_uri(), settings.experiment, register=settings.register) \
+        if settings.lineage else None
 
 
 def _progress(settings: RunSettings, progress: bool | None):

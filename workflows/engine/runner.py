@@ -19,7 +19,7 @@ from typing import Any
 from interpflow.workflows.engine.execute import InputRef, Job, execute_job, execute_shards, plan_ids
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
 from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
-from interpflow.workflows.engine.lineage import Lineage, log_figures
+from interpflow.workflows.engine.lineage import Lineage
 from interpflow.workflows.engine.ray_cluster import ensure_ray
 from interpflow.workflows.engine.record import RunRecord
 from interpflow.workflows.engine.settings import RunSettings, exception_class
@@ -186,17 +186,29 @@ class Runner:
             return
         state = self._state(n.name)
         upstream = {arg: self.keys[name][0] for arg, name in state["upstream"].items()}
-        inputs = {}  # what this node read, by content: model weights, datasets, upstream tables
-        for arg, name in state["upstream"].items():
-            manifest = self.store.read_manifest(self.store.node_path(name, self.keys[name][0])) or {}
-            inputs[arg] = {"node": name, "uri": self._state(name)["output_uri"], "digest": manifest.get("digest")}
+        inputs = {}  # what this node reads (the lineage writer reads their manifests, not the driver)
+        for arg, ref in n.inputs.items():
+            name = _ref_node(ref).name
+            key, up = self.keys[name][0], self._state(name)
+            inputs[arg] = {"node": name, "key": key, "output": ref.output if isinstance(ref, OutputRef) else None,
+                           "directory": self.store.node_path(name, key), "uri": up["output_uri"],
+                           "run": up["mlflow_run_id"]}
+        # node code that logs into its own run (Ray Train metrics, sweep trials) needs it to exist first
+        from interpflow.workflows.engine.execute import wants_context
+
+        live = not cache_hit and (n.training is not None or wants_context(n.fn))
         state["mlflow_run_id"] = self.lineage.start_node(n.name, state["key"], state["parts"], upstream,
-                                                         cache_hit, produced_by, inputs)
+                                                         cache_hit, produced_by, inputs, store=self.store, live=live)
 
     def _close_lineage(self, name: str, metrics: dict | None = None, tags: dict | None = None) -> None:
         state = self._state(name)
         if self.lineage is not None and state["mlflow_run_id"]:
-            self.lineage.end_node(state["mlflow_run_id"], state["status"], metrics, tags, state["traceback"])
+            committed = state["status"] in DONE  # its figures, report tables and models, read by the writer
+            if committed:
+                tags = {**(tags or {}), **{k: state[k] for k in ("rows", "bytes") if state.get(k) is not None}}
+            self.lineage.end_node(state["mlflow_run_id"], state["status"], metrics, tags, state["traceback"],
+                                  store=self.store, node=name, key=state["key"], config=state["parts"].get("config"),
+                                  directory=self.store.node_path(name, state["key"]) if committed else None)
 
     # --- scheduling ------------------------------------------------------------------------
     def _set_aside(self, name: str, directory: str, reason: str) -> None:
@@ -231,9 +243,7 @@ class Runner:
                          rows=manifest.get("rows"), bytes=manifest.get("bytes"))
             if n.is_sharded:
                 state["shards"].update(total=len(manifest["shards"]), cached=len(manifest["shards"]))
-            self._open_lineage(n, True, manifest.get("produced_by"))
-            if self.lineage is not None and state["mlflow_run_id"]:
-                log_figures(self.lineage.uri, state["mlflow_run_id"], self.store, directory, manifest)
+            self._open_lineage(n, True, manifest.get("produced_by"))  # figures too: logged by _close_lineage
             self._close_lineage(n.name, manifest.get("metrics"), {"output_uri": state["output_uri"]})
             self._advance(n.name)
             return

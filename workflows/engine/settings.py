@@ -5,9 +5,13 @@ from __future__ import annotations
 import builtins
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# `run.register` names a field like ABCMeta.register, a method of the model class, never of its instances
+warnings.filterwarnings("ignore", message='Field name "register" in "RunSettings" shadows', category=UserWarning)
 
 
 class RunSettings(BaseModel):
@@ -20,8 +24,11 @@ class RunSettings(BaseModel):
                        description="artifact store: a local directory or a pyarrow.fs URI (s3://, gs://)")
     tracking_uri: str | None = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI"),
                                      description="MLflow tracking URI; default SQLite beside a local store")
-    experiment: str = "interpflow"
+    experiment: str = Field(default_factory=lambda: os.environ.get("MLFLOW_EXPERIMENT_NAME") or "interpflow",
+                            description="MLflow experiment; default MLFLOW_EXPERIMENT_NAME or 'interpflow'")
     lineage: bool = Field(True, description="record the run in MLflow")
+    register: bool = Field(False, description="register every model a node logs (hf outputs) in the MLflow "
+                                              "model registry as <workflow>.<node>")
     address: str | None = Field(None, description="Ray address; default RAY_ADDRESS or a private local cluster")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a private local Ray cluster")
     max_retries: int = Field(2, ge=0, description="Ray retries of a task after a worker or node dies")
