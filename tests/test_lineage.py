@@ -215,3 +215,46 @@ def test_mlflow_tracking_uri_and_experiment_name_come_from_the_environment(tmp_p
     exp = client.get_experiment_by_name("from-the-environment")
     assert client.get_run(handle.mlflow_run_id).info.experiment_id == exp.experiment_id
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_killed_driver_loses_only_the_lineage_of_nodes_in_flight(tmp_path):
+    """SIGKILL the driver while shards sleep: the node that finished more than a flush period before is
+    FINISHED in MLflow, its commit is in the store; the next driver closes what was left RUNNING as KILLED
+    and takes the committed node as a cache hit."""
+    import sqlite3
+    import time
+
+    import interpflow
+    from interpflow.workflows.engine.lineage import FLUSH_S
+    from support import run_then_kill, spec_file
+
+    store = tmp_path / "store"
+    spec = spec_file(tmp_path / "demo.yaml", store, numbers={"n": 40}, num_shards=4, transform={"work_s": 20})
+    started = {}
+
+    def numbers_committed_a_while_ago() -> bool:
+        if not started and list(store.glob("make_numbers/*/_manifest.json")):
+            started["at"] = time.time()
+        return bool(started) and time.time() - started["at"] > 3 * FLUSH_S
+
+    run_then_kill(spec, tmp_path, numbers_committed_a_while_ago, timeout=240)
+    assert started, "make_numbers should have committed before the kill"
+    assert not list(store.glob("transform_shard/*/_manifest.json")), "the kill should land while shards sleep"
+    (record_path,) = store.glob("runs/*/record.json")
+    record = json.loads(record_path.read_text())
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        status = dict(db.execute("SELECT t.value, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                                 "AND t.key = 'interpflow.node'"))
+        parent = db.execute("SELECT status FROM runs WHERE run_uuid = ?", (record["mlflow_run_id"],)).fetchone()
+    assert status["make_numbers"] == "FINISHED" and status["transform_shard"] == "RUNNING"
+    assert parent == ("RUNNING",)
+    committed = json.loads(next(store.glob("make_numbers/*/_manifest.json")).read_text())
+
+    settings = RunSettings(store=str(store), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+    again = interpflow.run(spec, ["transform.work_s=0"], settings=settings, progress=False)  # reaps the orphan
+    assert again.ok and again.nodes()["make_numbers"]["status"] == "cached"
+    assert again.nodes()["make_numbers"]["produced_by"]["mlflow_run_id"] == committed["produced_by"]["mlflow_run_id"]
+    client = MlflowClient(settings.tracking_uri)
+    assert client.get_run(record["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(record["nodes"]["transform_shard"]["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(record["nodes"]["make_numbers"]["mlflow_run_id"]).info.status == "FINISHED"
