@@ -175,6 +175,8 @@ def test_explain_names_the_run_that_computed_each_reused_node(store_dir):
     assert f"computed by run {FAILED}" in numbers
     (parts,) = explain_node(load(RESUMED), "parts", store)  # the failed run never finished it
     assert "key" in parts and "is new" in parts and "1 of its 3 shards were committed before" in parts
+    (parts,) = explain_node(load(FAILED), "parts", store)  # the original's record still says what it did
+    assert parts.startswith("parts (failed in this run): no earlier run computed this node")
 
 
 # --- run ids are not reused for another spec ---------------------------------------------------------------
@@ -249,3 +251,32 @@ def test_spec_files_and_overrides_parse_as_yaml_1_2(tmp_path, monkeypatch):
     assert spec.config.summary.fail_marker == "off"  # YAML 1.1 made it False: "not a valid string"
     spec = load_spec("spec.yaml", ["summary.fail_marker=yes", "fit.lr=2e-3"])
     assert spec.config.summary.fail_marker == "yes" and spec.raw["fit"]["lr"] == 0.002
+
+
+# --- a fully cached run does not rebuild the tiny LM's site map -----------------------------------------
+def test_the_tiny_lm_site_check_is_remembered_and_bad_sites_are_still_found(tmp_path, monkeypatch):
+    """Building the embedded tiny LM's site map loads transformers' GPT-2 code (seconds): its answer is kept
+    under a digest of the LM config, the sites and the code, so a second run skips it; errors are not kept."""
+    import functools
+
+    from interpflow.tasks import tiny_lm
+    from interpflow.workflows.spec import SpecError
+
+    monkeypatch.setenv("INTERPFLOW_CACHE", str(tmp_path / "cache"))
+    real, calls = tiny_lm.site_map, []
+
+    @functools.wraps(real)  # the same code digest: inspect.unwrap reaches the real function
+    def counting(lm):
+        calls.append(lm)
+        return real(lm)
+
+    monkeypatch.setattr(tiny_lm, "site_map", counting)
+    for _ in range(2):
+        load_spec("extract", check_store=False)
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "site-widths").glob("*.json"))) == 1
+    load_spec("extract", ["lm.n_embd=32"], check_store=False)  # another LM: its own answer
+    assert len(calls) == 2
+    for _ in range(2):
+        with pytest.raises(SpecError, match="extract.sites: site 'blocks.9.resid_post'"):
+            load_spec("extract", ["extract.sites=[blocks.9.resid_post]"], check_store=False)
+    assert len(calls) == 4

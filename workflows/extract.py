@@ -92,11 +92,10 @@ def study_sites(model: models.ModelRef | None, lm: tiny_lm.TinyLMConfig, load: m
 def site_widths(cfg: ActivationSource) -> dict[str, int]:
     """Input errors found before any compute (model source, site names, device and dtype, data
     columns); returns the width of every requested site."""
-    sites = study_sites(cfg.model, cfg.lm, cfg.load)
-    try:
-        resolved = sites.resolve_all(cfg.extract.sites)
-    except ValueError as exc:
-        raise ValueError(f"extract.sites: {exc}") from None
+    if cfg.model is None:
+        widths = _tiny_lm_site_widths(cfg.lm, list(cfg.extract.sites))
+    else:
+        widths = _resolve_widths(study_sites(cfg.model, cfg.lm, cfg.load), cfg.extract.sites)
     try:  # the driver may have no GPU while actors do: with actor_gpus, CUDA is checked in the actor
         device = "cpu" if cfg.actor_gpus else models.resolve_device(cfg.load)
         models.check_dtype(cfg.load.dtype, device)
@@ -105,7 +104,54 @@ def site_widths(cfg: ActivationSource) -> dict[str, int]:
     if cfg.dataset is not None:  # a local data file is read row by row first: it names a bad line, not a loader error
         datasets_io.check_source(cfg.dataset, text_columns=(cfg.extract.text_column,), id_column=cfg.extract.id_column)
         activations.check_dataset(cfg.extract, datasets_io.load_source(cfg.dataset))
+    return widths
+
+
+def _resolve_widths(sites, names: list[str]) -> dict[str, int | None]:
+    try:
+        resolved = sites.resolve_all(names)
+    except ValueError as exc:
+        raise ValueError(f"extract.sites: {exc}") from None
     return {site.name: sites.width(site) for site in resolved}
+
+
+def _tiny_lm_site_widths(lm: tiny_lm.TinyLMConfig, names: list[str]) -> dict[str, int | None]:
+    """`_resolve_widths` on the embedded tiny LM's site map, remembered on disk: building that map loads
+    transformers' GPT-2 code (seconds), which a run whose nodes are all committed never needs otherwise.
+
+    The answer is a pure function of the LM config, the site names and the code that builds the map (its
+    source, transitively, as node keys hash it, and the transformers version), so it is kept under that
+    digest in INTERPFLOW_CACHE (default ~/.cache/interpflow). Only answers are kept: a bad site name is
+    found, and said, every time."""
+    import json
+    import os
+    from importlib.metadata import version
+
+    from interpflow.workflows.engine.keys import canonical_json, sha256_text, source_hash
+
+    digest = sha256_text(canonical_json({
+        "lm": lm.model_dump(mode="json"), "sites": names, "code": source_hash(tiny_lm.site_map),
+        "widths": source_hash(_resolve_widths), "transformers": version("transformers")}))
+    root = os.environ.get("INTERPFLOW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "interpflow")
+    path = os.path.join(root, "site-widths", f"{digest}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            widths = json.load(f)
+        if isinstance(widths, dict) and list(widths) == names:
+            return widths
+    except (OSError, ValueError):
+        pass
+    widths = _resolve_widths(tiny_lm.site_map(lm), names)
+    try:  # a cache that cannot be written only costs the next run the same seconds
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(widths, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return widths
 
 
 def validate(cfg: ExtractStudy) -> None:
