@@ -264,8 +264,13 @@ def explain_node(record: "RunRecord", node: str, store: str | None = None) -> li
             by = f"{by} itself, in an earlier attempt"
         where = f"computed by run {by}" if by else "committed in the store by a run no longer recorded"
         return [f"{node}: cache hit: key {key[:12]} was {where}; nothing that goes into the key changed"]
-    if same_key:  # computed again under a key that was computed before: its output was missing or damaged
+    # not computed here (failed, skipped, killed, pending): say so, then what the key is against earlier runs
+    state = "" if current["status"] == "ran" else f" ({current['status']} in this run)"
+    if same_key:
         previous = same_key[-1]
+        if current["status"] != "ran":
+            return [f"{node}{state}: run {previous.run_id} computed this key {key[:12]} before"]
+        # computed again under a key that was computed before: its output was missing or damaged
         reason = ("its output was found damaged, set aside and recomputed" if current.get("recomputed_after_corruption")
                   else "its committed output was missing (removed, or set aside as damaged)")
         return [f"{node}: same key {key[:12]} as run {previous.run_id}, which computed it before; {reason}"]
@@ -274,10 +279,10 @@ def explain_node(record: "RunRecord", node: str, store: str | None = None) -> li
     reused = (f"; {shards['cached']} of its {shards['total']} shards were committed before (an interrupted run) "
               "and reused") if shards.get("cached") else ""
     if not prior:
-        return [f"{node}: no earlier run computed this node; key {key[:12]} is new{reused}"]
+        return [f"{node}{state}: no earlier run computed this node; key {key[:12]} is new{reused}"]
     previous = prior[-1]
     old = previous.node(node)
-    lines = [f"{node}: key {key[:12]} differs from {old['key'][:12]} computed by run "
+    lines = [f"{node}{state}: key {key[:12]} differs from {old['key'][:12]} computed by run "
              f"{previous.run_id}; changed key parts:"]
     for part in diff_parts(old["parts"], current["parts"]):
         a, b = _lookup(old["parts"], part), _lookup(current["parts"], part)
