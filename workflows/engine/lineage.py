@@ -259,6 +259,14 @@ class Lineage:
             time.sleep(0.2)
             return _retry(self.client.get_experiment_by_name, name).experiment_id
 
+    def _terminate(self, run_id: str, status: str, end: int | None = None) -> None:
+        """A run's end: one store call (MlflowClient.set_terminated also reads the run back to print its URL
+        on a tracking server)."""
+        from mlflow.entities import RunStatus
+
+        _retry(self.client._tracking_client.store.update_run_info, run_id, RunStatus.from_string(status),
+               end or _now_ms(), None)
+
     def _has_run(self, run_id: str) -> bool:
         try:
             _retry(self.client.get_run, run_id)
@@ -313,7 +321,7 @@ class Lineage:
         for run_id in run_ids:
             if self._has_run(run_id) and self.client.get_run(run_id).info.status == "RUNNING":
                 _retry(self.client.set_tag, run_id, f"{TAG}status", "killed")
-                _retry(self.client.set_terminated, run_id, status="KILLED")
+                self._terminate(run_id, "KILLED")
 
     def start_node(self, name: str, key: str, parts: dict, upstream: dict[str, str], cache_hit: bool,
                    produced_by: dict | None = None, inputs: dict[str, dict] | None = None, *,
@@ -536,7 +544,7 @@ class Lineage:
         store = self.client._tracking_client.store
         exp_id = int(self.experiment_id)
         new_runs, tags, params, metrics, latest, status = [], [], [], [], [], []
-        replaced_tags, datasets = [], []
+        replaced_tags, replaced_latest, datasets = [], [], []
         for run in runs:
             if run.live and run.written:
                 continue  # closed through MlflowClient (_job_client_close)
@@ -563,6 +571,8 @@ class Lineage:
                 row = {"key": k, "value": value, "timestamp": ts, "step": 0, "is_nan": False, "run_uuid": run.run_id}
                 metrics.append(row)
                 latest.append(dict(row))
+                if run.written:  # a metric logged again (a parent reopened): the latest value is this one
+                    replaced_latest.append({"rid": run.run_id, "k": k})
             datasets += [(run.run_id, arg, d) for arg, d in run.datasets]
         with store.ManagedSessionMaker(read_only=False) as session:
             if new_runs:
@@ -576,11 +586,10 @@ class Lineage:
                 session.execute(sa.delete(t).where(t.c.run_uuid == sa.bindparam("rid"))
                                 .where(t.c.key == sa.bindparam("k")),
                                 [{"rid": r, "k": _param_key(k)} for r, k in replaced_tags])
-            if latest:
+            if replaced_latest:
                 t = m.SqlLatestMetric.__table__
                 session.execute(sa.delete(t).where(t.c.run_uuid == sa.bindparam("rid"))
-                                .where(t.c.key == sa.bindparam("k")),
-                                [{"rid": r["run_uuid"], "k": r["key"]} for r in latest])
+                                .where(t.c.key == sa.bindparam("k")), replaced_latest)
             for table, rows in ((m.SqlTag, tags), (m.SqlParam, params), (m.SqlMetric, metrics),
                                 (m.SqlLatestMetric, latest)):
                 if rows:
@@ -648,7 +657,7 @@ class Lineage:
                                                     for arg, d in run.datasets])
                 run.datasets = []
             if run.status_dirty:
-                self.client.set_terminated(run.run_id, status=run.status, end_time=run.end)
+                self._terminate(run.run_id, run.status, run.end)
                 run.status_dirty = False
 
     # post-commit jobs
@@ -658,7 +667,7 @@ class Lineage:
         _retry(self.client.log_batch, run_id, metrics=[Metric(k, v, ts, 0) for k, (v, ts) in metrics.items()],
                tags=[RunTag(_param_key(k), str(v)[:MAX_TAG]) for k, v in tags.items()])
         if status:
-            _retry(self.client.set_terminated, run_id, status=status, end_time=end)
+            self._terminate(run_id, status, end)
 
     def _log_artifact(self, run_id: str, local: str, artifact_path: str | None = None) -> None:
         run = self._runs.get(run_id)
