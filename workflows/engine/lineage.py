@@ -203,6 +203,7 @@ class Lineage:
         self.parent_id: str | None = None
         self.common_tags: dict[str, str] = {}
         self.workflow = "graph"
+        self._open_nodes: dict[str, str] = {}  # node name -> its open run (the driver's side)
         self.client = None
         self.experiment_id: str | None = None
         self._artifact_root: str | None = None
@@ -213,7 +214,7 @@ class Lineage:
         self._dirty: dict[str, _Run] = {}
         self._jobs: list[tuple] = []  # post-commit work in event order: artifacts, models
         self._summaries: dict[str, _Summary] = {}  # commit directory -> summary (read once)
-        self._datasets: dict[tuple, Any] = {}  # (directory, output) -> the mlflow Dataset entity
+        self._datasets: dict[str, dict[str, Any]] = {}  # directory -> output -> the mlflow Dataset entity
         self._models: dict[tuple, str] = {}  # (node, key, output) -> logged model id
         self._failures = 0
         self.errors: list[str] = []
@@ -240,7 +241,10 @@ class Lineage:
             self._wake.wait(self.flush_s)
             self._wake.clear()
             if not self._stop.is_set():
-                self.flush()
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - the writer keeps going; close() flushes again
+                    self._fail(f"{type(exc).__name__}: {exc}")
 
     def _wait_ready(self) -> None:
         self._ready.wait()
@@ -252,6 +256,9 @@ class Lineage:
         """Get or create the experiment; another process may create it at the same moment."""
         exp = _retry(self.client.get_experiment_by_name, name)
         if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise RuntimeError(f"MLflow experiment '{name}' is deleted: restore it (mlflow experiments restore "
+                                   f"--experiment-id {exp.experiment_id}) or set run.experiment to another name")
             return exp.experiment_id
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
@@ -316,12 +323,26 @@ class Lineage:
         return run.info.run_id
 
     def mark_killed(self, run_ids: list[str]) -> None:
-        """Close the runs a killed driver left RUNNING (its parent and its running nodes) as KILLED."""
+        """Close the runs a killed driver left RUNNING as KILLED: those its record names (its parent and
+        running nodes) and every RUNNING run nested under them (the record may be a moment older than
+        the lineage; a sweep's trials)."""
         self._wait_ready()
-        for run_id in run_ids:
-            if self._has_run(run_id) and self.client.get_run(run_id).info.status == "RUNNING":
+        todo, seen = list(run_ids), set()
+        while todo:
+            run_id = todo.pop()
+            if run_id in seen:
+                continue
+            seen.add(run_id)
+            try:
+                run = _retry(self.client.get_run, run_id)
+            except Exception:  # noqa: BLE001 - never written (lost with the driver) or another store
+                continue
+            if run.info.status == "RUNNING":
                 _retry(self.client.set_tag, run_id, f"{TAG}status", "killed")
                 self._terminate(run_id, "KILLED")
+            children = _retry(self.client.search_runs, [run.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+            todo += [child.info.run_id for child in children]
 
     def start_node(self, name: str, key: str, parts: dict, upstream: dict[str, str], cache_hit: bool,
                    produced_by: dict | None = None, inputs: dict[str, dict] | None = None, *,
@@ -343,7 +364,10 @@ class Lineage:
         params = flatten(parts.get("config", {}))
         params.update(flatten(parts.get("external", {}), "external."))
         params.update({"version": str(parts.get("version")), "source_hash": str(parts.get("source"))[:16]})
+        if name in self._open_nodes:  # started again (an input it read was damaged): that run ends here
+            self._emit("close", self._open_nodes.pop(name), "KILLED", {}, {f"{TAG}status": "restarted"}, _now_ms())
         run_id = self._create(name, tags, live)
+        self._open_nodes[name] = run_id
         self._emit("open", run_id, name, tags, params, inputs or {}, store, live, _now_ms())
         if live and self.bulk:
             self.flush()
@@ -355,6 +379,8 @@ class Lineage:
                  config: dict | None = None) -> None:
         """Close a node's run; with `directory` (a committed node) its figures, report tables and models
         are logged from the store by the writer."""
+        if node is not None and self._open_nodes.get(node) == run_id:
+            del self._open_nodes[node]
         all_tags = {f"{TAG}status": status, **{f"{TAG}{k}": str(v) for k, v in (tags or {}).items()}}
         if error:
             all_tags[f"{TAG}error"] = error.strip().splitlines()[-1][:4000] if error.strip() else "error"
@@ -401,7 +427,10 @@ class Lineage:
             with self._lock:
                 events, self._events = self._events, []
             for event in events:
-                self._apply(event)
+                try:
+                    self._apply(event)
+                except Exception as exc:  # noqa: BLE001 - one bad event must not lose the others
+                    self._fail(f"{event[0]} of run {event[1]}: {type(exc).__name__}: {exc}")
             if self._dirty:
                 try:
                     _retry(self._write_sql if self.bulk else self._write_client, list(self._dirty.values()))
@@ -451,6 +480,9 @@ class Lineage:
                     run.metrics[metric_key(k)] = (float(v), end)
             self._dirty[run_id] = run
         else:  # text, outputs: after the run's row is written
+            if kind == "outputs":  # a (re)commit: read its manifest afresh
+                self._summaries.pop(event[3], None)
+                self._datasets.pop(event[3], None)
             self._jobs.append(event)
 
     # inputs: params, upstream runs and dataset inputs of what a node read
@@ -488,15 +520,15 @@ class Lineage:
                     continue
                 if out["kind"] == "hf":
                     models.append((ref["node"], ref["key"], output))
-                cache = (ref["directory"], output)
-                if cache not in self._datasets:
+                cache = self._datasets.setdefault(ref["directory"], {})
+                if output not in cache:
                     try:
-                        self._datasets[cache] = self._dataset(store, ref, output, out, summary)
+                        cache[output] = self._dataset(store, ref, output, out, summary)
                     except Exception as exc:  # noqa: BLE001 - e.g. a URI scheme MLflow has no dataset source for
-                        log.debug("no MLflow dataset for %s: %s", cache, exc)
-                        self._datasets[cache] = None
-                if self._datasets[cache] is not None:
-                    run.datasets.append((arg, self._datasets[cache]))
+                        log.debug("no MLflow dataset for %s:%s: %s", ref["directory"], output, exc)
+                        cache[output] = None
+                if cache[output] is not None:
+                    run.datasets.append((arg, cache[output]))
         run.tags[f"{TAG}upstream_runs"] = json.dumps(upstream_runs, sort_keys=True)
         if models:
             self._jobs.append(("model_inputs", run.run_id, models))
