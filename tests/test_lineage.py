@@ -202,6 +202,29 @@ def test_without_register_nothing_enters_the_registry(settings):
     assert client.search_registered_models() == []
 
 
+def logs_into_its_run(cfg: Rows, node) -> dict:
+    """Node code that writes into its own MLflow run (as Ray Train nodes and sweeps do): a metric at a step
+    and a child run."""
+    from interpflow.workflows.sweep import _child_run, _end_child_run
+
+    MlflowClient(node.mlflow_uri).log_metric(node.mlflow_run_id, "loss", 0.25, step=3)
+    child = _child_run(node, "trial-0", {"lr": 0.1})
+    _end_child_run(node, child, {"score": 1.0}, {}, "FINISHED")
+    return {"metrics": {"loss": 0.125, "final": 1.0}}
+
+
+def test_node_code_logs_into_its_own_run_which_exists_before_it_starts(settings):
+    handle = run_graph(Graph([node(logs_into_its_run, Rows())]), settings)
+    assert handle.ok
+    client = MlflowClient(settings.tracking_uri)
+    run = node_runs(settings, handle.mlflow_run_id)["logs_into_its_run"]
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.25, "final": 1.0}  # latest: highest step
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert history == [(0, 0.125), (3, 0.25)]
+    (trial,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert trial.data.tags["interpflow.trial"] == "trial-0" and trial.data.metrics == {"score": 1.0}
+
+
 def test_mlflow_tracking_uri_and_experiment_name_come_from_the_environment(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'tracking.db'}"
     (tmp_path / "elsewhere").mkdir()
