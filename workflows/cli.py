@@ -130,8 +130,8 @@ def print_summary(handle: "api.RunHandle") -> None:
         out.print(f"MLflow run: {record.data['mlflow_run_id']} at {record.data.get('tracking_uri')} "
                   f"(browse: mlflow ui --backend-store-uri {record.data.get('tracking_uri')})", highlight=False)
     if record.origin:
-        out.print(f"run {record.run_id} resumes run {record.origin} (whose own record is unchanged)",
-                  highlight=False)
+        out.print(f"run {record.run_id} resumes run {record.origin} (interpflow status {record.origin} shows "
+                  "that run as it ended)", highlight=False)
     if record.status != "succeeded":
         out.print(f"resume after fixing: interpflow resume {record.run_id}", highlight=False)
 
@@ -493,7 +493,7 @@ def serve_model(model: str = typer.Argument(..., help="a causal LM: local Huggin
 
 def main() -> None:
     try:
-        app(prog_name="interpflow")  # also under `python -m`: help says `interpflow`, completion is _INTERPFLOW_COMPLETE
+        app(prog_name="interpflow")  # under `python -m` too: help says `interpflow`; completion: _INTERPFLOW_COMPLETE
     except ValueError as exc:  # pragma: no cover - defensive: commands catch their own SpecErrors
         from interpflow.workflows.spec import SpecError
 
