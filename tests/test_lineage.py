@@ -225,6 +225,29 @@ def test_node_code_logs_into_its_own_run_which_exists_before_it_starts(settings)
     assert trial.data.tags["interpflow.trial"] == "trial-0" and trial.data.metrics == {"score": 1.0}
 
 
+def test_a_continued_run_keeps_one_run_per_node_under_its_parent(settings, tmp_path):
+    """Given the id of a failed run, a new attempt of it continues the nodes' runs: a cache hit keeps the run
+    that computed it, a failed or skipped node's run runs again; no second set of child runs."""
+    import interpflow
+
+    marker = tmp_path / "fault"
+    marker.write_text("on")
+    spec = {"workflow": "demo", "numbers": {"n": 400}, "num_shards": 2, "summary": {"fail_marker": str(marker)}}
+    failed = interpflow.run(spec, settings=settings, run_id="attempts", progress=False)
+    assert not failed.ok
+    before = {name: run.info.run_id for name, run in node_runs(settings, failed.mlflow_run_id).items()}
+    assert len(before) == 5
+    marker.unlink()
+    again = interpflow.run(spec, settings=settings, run_id="attempts", progress=False)
+    assert again.ok and again.mlflow_run_id == failed.mlflow_run_id
+    after = node_runs(settings, again.mlflow_run_id)
+    assert {name: run.info.run_id for name, run in after.items()} == before
+    assert {name: run.info.status for name, run in after.items()} == {name: "FINISHED" for name in before}
+    assert after["summarise"].data.tags["interpflow.status"] == "ran" and "interpflow.error" not in after["summarise"].data.tags
+    assert after["make_numbers"].data.tags["interpflow.cache_hit"] == "false"  # the run that computed it
+    assert MlflowClient(settings.tracking_uri).get_run(again.mlflow_run_id).info.status == "FINISHED"
+
+
 def test_mlflow_tracking_uri_and_experiment_name_come_from_the_environment(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'tracking.db'}"
     (tmp_path / "elsewhere").mkdir()

@@ -174,6 +174,7 @@ class _Run:
     status: str = "RUNNING"
     end: int | None = None
     status_dirty: bool = False
+    reopened: bool = False  # a node run of a continued run: its earlier error goes
     artifact_uri: str | None = None
     tags: dict = field(default_factory=dict)  # not yet written
     params: dict = field(default_factory=dict)
@@ -204,6 +205,8 @@ class Lineage:
         self.common_tags: dict[str, str] = {}
         self.workflow = "graph"
         self._open_nodes: dict[str, str] = {}  # node name -> its open run (the driver's side)
+        self._earlier: dict[str, tuple[str, str, str]] = {}  # a continued parent's node runs: name -> (id, key, status)
+        self._reused: set[str] = set()  # earlier runs a cache hit stands for as they are
         self.client = None
         self.experiment_id: str | None = None
         self._artifact_root: str | None = None
@@ -299,6 +302,12 @@ class Lineage:
                 self.parent_id = existing
                 _retry(self.client.update_run, existing, status="RUNNING")
                 self._emit("reopen", existing, all_tags)
+                # one run per node under a parent: a new attempt continues its nodes' earlier runs
+                for run in _retry(self.client.search_runs, [self.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{existing}'", max_results=50000):
+                    name = run.data.tags.get(f"{TAG}node")
+                    if name and run.data.tags.get(f"{TAG}kind") == "node":
+                        self._earlier[name] = (run.info.run_id, run.data.tags.get(f"{TAG}key"), run.info.status)
                 return existing
             # the tracking store was replaced or moved: the run starts a new parent, noting the old
             all_tags[f"{TAG}previous_parent_run"] = existing
@@ -366,6 +375,17 @@ class Lineage:
         params.update({"version": str(parts.get("version")), "source_hash": str(parts.get("source"))[:16]})
         if name in self._open_nodes:  # started again (an input it read was damaged): that run ends here
             self._emit("close", self._open_nodes.pop(name), "KILLED", {}, {f"{TAG}status": "restarted"}, _now_ms())
+        earlier = self._earlier.pop(name, None)
+        if earlier is not None and earlier[1] == key:  # a new attempt of this run: the node keeps its run
+            if earlier[2] == "FINISHED" and cache_hit:  # what it computed (or reused) then stands
+                self._reused.add(earlier[0])
+                return earlier[0]
+            tags = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
+            self._open_nodes[name] = earlier[0]
+            self._emit("reopen", earlier[0], tags, inputs or {}, store)
+            if live:
+                self.flush()
+            return earlier[0]
         run_id = self._create(name, tags, live)
         self._open_nodes[name] = run_id
         self._emit("open", run_id, name, tags, params, inputs or {}, store, live, _now_ms())
@@ -379,6 +399,8 @@ class Lineage:
                  config: dict | None = None) -> None:
         """Close a node's run; with `directory` (a committed node) its figures, report tables and models
         are logged from the store by the writer."""
+        if run_id in self._reused:
+            return
         if node is not None and self._open_nodes.get(node) == run_id:
             del self._open_nodes[node]
         all_tags = {f"{TAG}status": status, **{f"{TAG}{k}": str(v) for k, v in (tags or {}).items()}}
@@ -463,10 +485,14 @@ class Lineage:
             if inputs is not None:  # a node's (the parent has none)
                 self._resolve_inputs(run, inputs, store)
             self._dirty[run_id] = run
-        elif kind == "reopen":
+        elif kind == "reopen":  # a continued run's parent, or one of its node runs: closed through MlflowClient
             run = self._runs.get(run_id) or _Run(run_id, "", _now_ms(), live=True, written=True)
             self._runs[run_id] = run
             run.tags.update(event[2])
+            if len(event) > 3:  # a node run runs again
+                run.status, run.end, run.status_dirty, run.reopened = "RUNNING", None, True, True
+                self._resolve_inputs(run, event[3], event[4])
+                run.datasets = []  # inputs of the same key: logged by its earlier attempt
             self._dirty[run_id] = run
         elif kind == "close":
             _, _, status, metrics, tags, end = event
@@ -632,7 +658,8 @@ class Lineage:
             if run.live and run.written:
                 if run.tags or run.metrics or run.status_dirty:
                     self._jobs.insert(0, ("client_close", run.run_id, dict(run.tags), dict(run.metrics),
-                                          run.status if run.status_dirty else None, run.end))
+                                          run.status if run.status_dirty else None, run.end, run.reopened))
+                run.reopened = False
             run.written = True
             run.status_dirty = False
             run.tags, run.params, run.metrics, run.datasets = {}, {}, {}, []
@@ -683,23 +710,39 @@ class Lineage:
             if operation is not None:
                 operation.wait()
         for run in runs:
-            run.tags, run.params, run.metrics = {}, {}, {}
+            if run.reopened and f"{TAG}error" not in run.tags:
+                self._forget_error(run.run_id)
+            run.tags, run.params, run.metrics, run.reopened = {}, {}, {}, False
             if run.datasets:
                 self.client.log_inputs(run.run_id, [DatasetInput(d, [InputTag("mlflow.data.context", arg)])
                                                     for arg, d in run.datasets])
                 run.datasets = []
             if run.status_dirty:
-                self._terminate(run.run_id, run.status, run.end)
+                if run.status == "RUNNING":  # a node run of a continued run, running again
+                    _retry(self.client.update_run, run.run_id, status="RUNNING")
+                else:
+                    self._terminate(run.run_id, run.status, run.end)
                 run.status_dirty = False
 
     # post-commit jobs
-    def _job_client_close(self, run_id: str, tags: dict, metrics: dict, status: str | None, end: int | None) -> None:
+    def _job_client_close(self, run_id: str, tags: dict, metrics: dict, status: str | None, end: int | None,
+                          reopened: bool = False) -> None:
         from mlflow.entities import Metric, RunTag
 
+        if reopened and f"{TAG}error" not in tags:
+            self._forget_error(run_id)
         _retry(self.client.log_batch, run_id, metrics=[Metric(k, v, ts, 0) for k, (v, ts) in metrics.items()],
                tags=[RunTag(_param_key(k), str(v)[:MAX_TAG]) for k, v in tags.items()])
-        if status:
+        if status == "RUNNING":
+            _retry(self.client.update_run, run_id, status="RUNNING")
+        elif status:
             self._terminate(run_id, status, end)
+
+    def _forget_error(self, run_id: str) -> None:
+        try:
+            self.client.delete_tag(run_id, f"{TAG}error")
+        except Exception:  # noqa: BLE001 - it had none
+            pass
 
     def _log_artifact(self, run_id: str, local: str, artifact_path: str | None = None) -> None:
         run = self._runs.get(run_id)
