@@ -248,6 +248,26 @@ def test_a_continued_run_keeps_one_run_per_node_under_its_parent(settings, tmp_p
     assert MlflowClient(settings.tracking_uri).get_run(again.mlflow_run_id).info.status == "FINISHED"
 
 
+def test_a_resume_is_a_new_parent_run_naming_its_origin_and_the_original_keeps_its_runs(settings, tmp_path):
+    import interpflow
+
+    marker = tmp_path / "fault"
+    marker.write_text("on")
+    spec = {"workflow": "demo", "numbers": {"n": 400}, "num_shards": 2, "summary": {"fail_marker": str(marker)},
+            "run": {"store": settings.store, "tracking_uri": settings.tracking_uri}}
+    failed = interpflow.run(spec, settings=settings, progress=False)
+    original = {name: (run.info.run_id, run.info.status) for name, run in node_runs(settings, failed.mlflow_run_id).items()}
+    marker.unlink()
+    resumed = interpflow.resume(failed.run_id, settings.store, progress=False)
+    assert resumed.ok and resumed.run_id != failed.run_id and resumed.mlflow_run_id != failed.mlflow_run_id
+    parent = MlflowClient(settings.tracking_uri).get_run(resumed.mlflow_run_id)
+    assert parent.data.tags["interpflow.origin"] == failed.run_id
+    assert parent.data.tags["interpflow.origin_mlflow_run"] == failed.mlflow_run_id
+    after = {name: (run.info.run_id, run.info.status) for name, run in node_runs(settings, failed.mlflow_run_id).items()}
+    assert after == original and original["summarise"][1] == "FAILED"  # the original's history stays
+    assert len(node_runs(settings, resumed.mlflow_run_id)) == 5
+
+
 def test_mlflow_tracking_uri_and_experiment_name_come_from_the_environment(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'elsewhere' / 'tracking.db'}"
     (tmp_path / "elsewhere").mkdir()

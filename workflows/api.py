@@ -121,9 +121,15 @@ def run_graph(graph: Graph, settings: RunSettings | None = None, *, workflow: st
             lineage.mark_killed(open_runs)
     record.data["code"] = code_version()
     if lineage is not None:
+        tags = {"code_commit": record.data["code"]["commit"], "code_dirty": record.data["code"]["dirty"]}
+        if record.data.get("origin"):  # a resume: its parent run names the run it resumes, in MLflow too
+            tags["origin"] = record.data["origin"]
+            try:
+                tags["origin_mlflow_run"] = RunRecord.load(store, record.data["origin"]).data.get("mlflow_run_id")
+            except Exception:  # noqa: BLE001 - an unreadable origin record: its id is enough
+                pass
         record.data["mlflow_run_id"] = lineage.start_parent(
-            record.run_id, workflow, config or {}, settings.model_dump(mode="json"),
-            {"code_commit": record.data["code"]["commit"], "code_dirty": record.data["code"]["dirty"]},
+            record.run_id, workflow, config or {}, settings.model_dump(mode="json"), tags,
             existing=record.data.get("mlflow_run_id"))
         record.data["tracking_uri"] = lineage.uri
     runner = Runner(graph, settings, store, record, lineage, _progress(settings, progress))

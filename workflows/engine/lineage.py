@@ -292,10 +292,11 @@ class Lineage:
     def start_parent(self, run_id: str, workflow: str, config: dict, settings: dict, tags: dict[str, str],
                      existing: str | None = None) -> str:
         self.workflow = workflow
-        self.common_tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
+        own = ("origin", "origin_mlflow_run")  # a resume's: on its parent run only
+        self.common_tags = {f"{TAG}{k}": str(v) for k, v in tags.items() if k not in own}
         self.common_tags.update(source_tags(tags.get("code_commit")))
         all_tags = {f"{TAG}run_id": run_id, f"{TAG}workflow": workflow, f"{TAG}kind": "workflow",
-                    **self.common_tags}
+                    **self.common_tags, **{f"{TAG}{k}": str(tags[k]) for k in own if tags.get(k)}}
         if existing:
             self._wait_ready()
             if self._has_run(existing):  # the same run goes on: its parent runs again
