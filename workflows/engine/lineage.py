@@ -16,6 +16,8 @@ What a run holds (read it back with `mlflow.search_runs` or `MlflowClient`):
   MLflow's transformers flavour gives its task where the folder's architecture names one; registered in
   the model registry as `<workflow>.<node>` when `run.register` is true. A node that reads it logs it
   as a model input.
+- A resume is a new parent run tagged with its origin run (and that run's MLflow parent); a run continued
+  under its own id keeps one run per node under its parent (a cache hit keeps the run that computed it).
 
 How it is written: the driver never waits on the tracking store while nodes run. Opening and closing a
 node's run are in-memory events; one writer thread flushes them every FLUSH_S seconds, and `end_parent`
