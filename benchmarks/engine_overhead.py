@@ -5,7 +5,8 @@ Both sides run in this process on the same local Ray cluster (2 CPUs), so a busy
 The engine side pays for what makes resume work: key computation, a committed artifact with a
 checksummed manifest, the run record, locks, and with lineage on one MLflow run per node (a parent run,
 dataset inputs, tags, params, metrics) in an existing SQLite tracking database (each run in an
-experiment of its own) - or, with --server, in an MLflow tracking server started here on 127.0.0.1. Each configuration runs --repeats times on a fresh store and
+experiment of its own) - or, with --server, in an MLflow tracking server started here on 127.0.0.1.
+Each configuration runs --repeats times on a fresh store and
 store; the best is printed (the least disturbed by other load). "driver CPU" is the CPU
 time of this process (the scheduler and the lineage writer thread) per node.
 

@@ -135,7 +135,8 @@ def test_a_rerun_links_its_inputs_to_the_runs_that_computed_them_not_to_its_cach
     # the same data read twice is one MLflow dataset, an input of both runs
     client = MlflowClient(settings.tracking_uri)
     readers = [r for r in (before["total"], after["total"])
-               if any(d.dataset.name == "make_table:output" for d in client.get_run(r.info.run_id).inputs.dataset_inputs)]
+               if any(d.dataset.name == "make_table:output"
+                      for d in client.get_run(r.info.run_id).inputs.dataset_inputs)]
     assert len(readers) == 2
 
 
@@ -243,7 +244,8 @@ def test_a_continued_run_keeps_one_run_per_node_under_its_parent(settings, tmp_p
     after = node_runs(settings, again.mlflow_run_id)
     assert {name: run.info.run_id for name, run in after.items()} == before
     assert {name: run.info.status for name, run in after.items()} == {name: "FINISHED" for name in before}
-    assert after["summarise"].data.tags["interpflow.status"] == "ran" and "interpflow.error" not in after["summarise"].data.tags
+    assert after["summarise"].data.tags["interpflow.status"] == "ran"
+    assert "interpflow.error" not in after["summarise"].data.tags
     assert after["make_numbers"].data.tags["interpflow.cache_hit"] == "false"  # the run that computed it
     assert MlflowClient(settings.tracking_uri).get_run(again.mlflow_run_id).info.status == "FINISHED"
 
@@ -256,14 +258,17 @@ def test_a_resume_is_a_new_parent_run_naming_its_origin_and_the_original_keeps_i
     spec = {"workflow": "demo", "numbers": {"n": 400}, "num_shards": 2, "summary": {"fail_marker": str(marker)},
             "run": {"store": settings.store, "tracking_uri": settings.tracking_uri}}
     failed = interpflow.run(spec, settings=settings, progress=False)
-    original = {name: (run.info.run_id, run.info.status) for name, run in node_runs(settings, failed.mlflow_run_id).items()}
+    def states(parent: str) -> dict:
+        return {name: (run.info.run_id, run.info.status) for name, run in node_runs(settings, parent).items()}
+
+    original = states(failed.mlflow_run_id)
     marker.unlink()
     resumed = interpflow.resume(failed.run_id, settings.store, progress=False)
     assert resumed.ok and resumed.run_id != failed.run_id and resumed.mlflow_run_id != failed.mlflow_run_id
     parent = MlflowClient(settings.tracking_uri).get_run(resumed.mlflow_run_id)
     assert parent.data.tags["interpflow.origin"] == failed.run_id
     assert parent.data.tags["interpflow.origin_mlflow_run"] == failed.mlflow_run_id
-    after = {name: (run.info.run_id, run.info.status) for name, run in node_runs(settings, failed.mlflow_run_id).items()}
+    after = states(failed.mlflow_run_id)
     assert after == original and original["summarise"][1] == "FAILED"  # the original's history stays
     assert len(node_runs(settings, resumed.mlflow_run_id)) == 5
 
