@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from interpflow.workflows.spec import SpecError, load_spec
-from support import cli, run_then_kill, settled
+from support import cli, resumed_record, run_then_kill, settled
 
 TINY_MODEL = {"layers": 2, "hidden_size": 16, "heads": 2, "intermediate_size": 32, "patch_size": 8, "steps": 10,
               "batch_size": 8, "train_clips": 40, "eval_clips": 10}
@@ -45,7 +45,8 @@ def test_killed_cris_resumes_only_missing_draw_shards_to_the_same_importance(tmp
 
     resumed = cli("resume", run_id, "--store", str(store), "--no-progress", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    nodes = json.loads(record_path.read_text())["nodes"]
+    _, record = resumed_record(store, resumed, run_id)  # a resume is a new run naming its origin
+    nodes = record["nodes"]
     assert (nodes["cris"]["shards"]["ran"], nodes["cris"]["shards"]["cached"]) == (8 - committed, committed)
     assert nodes["video_classifier"]["status"] == "cached" and nodes["tubelets"]["status"] == "cached"
     assert all(n["status"] in ("ran", "cached") for n in nodes.values())
