@@ -12,9 +12,10 @@ Pure computation, no Ray; the workflow shards these calls. The flow, for a model
     auc(table, planted_ids)
 
 Modules: ``params`` (which parameters), ``task`` (the Task seam; causal-LM loss, concept measurement),
-``grads`` (vmap per-example gradients), ``projection`` (seeded random projection), ``kfac`` and
+``grads`` (vmap per-example gradients), ``projection`` (seeded dense random projection), ``logra``
+(LoGra: per-layer low-rank projections built without the full per-example gradient), ``kfac`` and
 ``precondition`` (identity / diagonal / K-FAC / EK-FAC from shard-summable statistics), ``scores``
-(influence, probe and baseline scores, AUC, precision@k), ``exact`` (exact-Hessian reference).
+(influence, streaming top-k scores, probe and baseline scores, AUC, precision@k), ``exact`` (exact-Hessian reference).
 """
 
 from .exact import (
@@ -29,6 +30,7 @@ from .kfac import (
     CovarianceStats, KronLayer, KroneckerBasis, LambdaStats, covariance_stats, eigendecompose, kronecker_layers,
     lambda_stats,
 )
+from .logra import LograConfig, LograProjection, fit_projected
 from .params import ParamSelection, select_parameters
 from .precondition import (
     FITTERS, STAGES, DiagonalPreconditioner, DiagonalStats, IdentityPreconditioner, KroneckerPreconditioner,
@@ -36,7 +38,7 @@ from .precondition import (
 )
 from .projection import ProjectionConfig, RandomProjection
 from .scores import (
-    SCHEMA, auc, classical_influence, concept_influence, embedding_similarity, influence, mean_pool,
+    SCHEMA, StreamingScores, auc, classical_influence, concept_influence, embedding_similarity, influence, mean_pool,
     precision_at_k, probe_scores, random_scores, score_table, token_projection,
 )
 from .task import CausalLMTask, ConceptTask, Task, site_activation
@@ -44,11 +46,11 @@ from .task import CausalLMTask, ConceptTask, Task, site_activation
 __all__ = [
     "FITTERS", "SCHEMA", "STAGES", "CausalLMTask", "ConceptTask", "CovarianceStats", "DiagonalPreconditioner",
     "DiagonalStats", "GradConfig", "IdentityPreconditioner", "KronLayer", "KroneckerBasis",
-    "KroneckerPreconditioner", "KroneckerStats", "LambdaStats", "LogisticConfig", "LogisticProblem",
+    "KroneckerPreconditioner", "KroneckerStats", "LambdaStats", "LograConfig", "LograProjection", "LogisticConfig", "LogisticProblem",
     "LogisticTask", "ParamSelection", "PerExampleGrads", "Preconditioner", "PreconditionerConfig",
-    "ProjectionConfig", "RandomProjection", "Task", "auc", "classical_influence", "compute_grads",
+    "ProjectionConfig", "RandomProjection", "StreamingScores", "Task", "auc", "classical_influence", "compute_grads",
     "concept_influence", "covariance_stats", "eigendecompose", "embedding_similarity", "exact_hessian",
-    "exact_influence", "fit", "fit_on_batches", "functional_mode", "influence", "kronecker_layers", "lambda_stats",
+    "exact_influence", "fit", "fit_on_batches", "fit_projected", "functional_mode", "influence", "kronecker_layers", "lambda_stats",
     "leave_one_out", "logistic_hessian", "loop_per_example_grads", "make_logistic_problem", "mean_pool",
     "per_example_grad_dict", "per_example_grads", "precision_at_k", "probe_scores", "random_scores", "register",
     "score_table", "select_parameters", "site_activation", "spearman_table", "sum_stats", "token_projection",

@@ -22,7 +22,7 @@ Every method returns the same table, one row per training example: ``id`` (int64
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,27 +48,134 @@ def score_table(ids, scores, method: str) -> pa.Table:
 
 # ------------------------------------------------------------------------ gradient-based methods
 
-def influence(query_grads: torch.Tensor, train: PerExampleGrads, preconditioner: Preconditioner | None = None,
-              *, projection: RandomProjection | None = None, method: str = "influence") -> pa.Table:
+ROWS_PER_STEP = 4096   # training rows turned to float64 at a time (bounds the copy, not the result)
+
+
+def _as_parts(train: PerExampleGrads | Iterable[PerExampleGrads]) -> Iterable[PerExampleGrads]:
+    return [train] if isinstance(train, PerExampleGrads) else train
+
+
+def _prepared_queries(query_grads: torch.Tensor, preconditioner: Preconditioner | None,
+                      projection: RandomProjection | None, method: str, mean: bool) -> torch.Tensor:
+    if query_grads.ndim != 2 or query_grads.shape[0] == 0:
+        raise ValueError(f"{method}: query gradients must be a non-empty (m, p) matrix, got {tuple(query_grads.shape)}; "
+                         "the query set is empty")
+    q = query_grads.double()
+    if mean:
+        q = q.mean(dim=0, keepdim=True)
+    if preconditioner is not None:
+        q = preconditioner.apply(q)
+    if projection is not None:
+        q = projection.project_flat(q).double()
+    return q
+
+
+def _check_width(q: torch.Tensor, g: torch.Tensor, method: str) -> None:
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"{method}: query gradients have width {q.shape[1]} but training gradients {g.shape[1]}; "
+                         "compute both with the same parameter selection (and gradients.method), and pass "
+                         "projection= when only the training gradients were projected")
+
+
+def _row_scores(g: torch.Tensor, q: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, -(g[rows] @ q.T)) a block of rows at a time: never a float64 copy of all of ``g``."""
+    q = q.to(g.device)
+    for start in range(0, g.shape[0], ROWS_PER_STEP):
+        rows = slice(start, min(start + ROWS_PER_STEP, g.shape[0]))
+        yield rows, -(g[rows].double() @ q.T)
+
+
+def influence(query_grads: torch.Tensor, train: PerExampleGrads | Iterable[PerExampleGrads],
+              preconditioner: Preconditioner | None = None, *, projection: RandomProjection | None = None,
+              method: str = "influence") -> pa.Table:
     """score_i = -mean_q grad m(q)^T P^-1 g_i for query gradients (m, p) and training gradients.
 
     The preconditioner acts on the query side only (P is symmetric), after averaging the queries
     (it is linear). With ``projection``, query gradients are unprojected (m, p): they are
     preconditioned in parameter space, then projected to meet projected training gradients.
+    ``train`` may be one ``PerExampleGrads`` or an iterable of them (shards, batches from a
+    generator): each is scored as it comes, a block of rows at a time, so a notebook need not
+    ``concat`` the training set, and nothing larger than a block is copied to float64.
     """
-    if query_grads.ndim != 2 or query_grads.shape[0] == 0:
-        raise ValueError(f"{method}: query gradients must be a non-empty (m, p) matrix, got {tuple(query_grads.shape)}")
-    q = query_grads.double().mean(dim=0, keepdim=True)
-    if preconditioner is not None:
-        q = preconditioner.apply(q)
-    if projection is not None:
-        q = projection.project_flat(q).double()
-    g = train.grads
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"{method}: query gradients have width {q.shape[1]} but training gradients {g.shape[1]}; "
-                         "compute both with the same parameter selection, and pass projection= when only the "
-                         "training gradients were projected")
-    return score_table(train.ids, -(g.double() @ q[0].to(g.device)), method)
+    q = _prepared_queries(query_grads, preconditioner, projection, method, mean=True)
+    ids, scores = [], []
+    for part in _as_parts(train):
+        _check_width(q, part.grads, method)
+        ids.append(part.ids.reshape(-1).cpu())
+        scores.append(torch.cat([s[:, 0].cpu() for _, s in _row_scores(part.grads, q)])
+                      if part.grads.shape[0] else torch.zeros(0, dtype=torch.float64))
+    if not ids:
+        raise ValueError(f"{method}: no training gradients to score")
+    return score_table(torch.cat(ids), torch.cat(scores), method)
+
+
+EXTREMES_SCHEMA = pa.schema([("method", pa.string()), ("query", pa.int64()), ("side", pa.string()),
+                             ("rank", pa.int64()), ("id", pa.int64()), ("score", pa.float64())])
+
+
+class StreamingScores:
+    """Scores training gradients against a batch of queries shard by shard, keeping per query only the
+    ``k`` highest and ``k`` lowest scoring training examples and, per training example, the mean score
+    over the queries (= ``influence`` of the mean query): memory is O(m k + n), never the n x m matrix.
+
+        acc = StreamingScores(query_grads, k=10, preconditioner=pre, method="influence[ekfac]")
+        for shard in shards:            # PerExampleGrads, in any order
+            acc.add(shard)
+        acc.table()                     # (id, score, method), ids ascending
+        acc.extremes()                  # (method, query, side, rank, id, score)
+    """
+
+    def __init__(self, query_grads: torch.Tensor, k: int = 10, preconditioner: Preconditioner | None = None, *,
+                 projection: RandomProjection | None = None, method: str = "influence",
+                 query_ids: torch.Tensor | None = None):
+        if k < 1:
+            raise ValueError(f"{method}: top_k={k} must be at least 1")
+        self.q = _prepared_queries(query_grads, preconditioner, projection, method, mean=False)
+        self.k, self.method = k, method
+        m = self.q.shape[0]
+        self.query_ids = torch.arange(m) if query_ids is None else torch.as_tensor(query_ids).reshape(-1)
+        self.top = (torch.full((m, 0), float("-inf"), dtype=torch.float64), torch.zeros((m, 0), dtype=torch.int64))
+        self.bottom = (torch.full((m, 0), float("inf"), dtype=torch.float64), torch.zeros((m, 0), dtype=torch.int64))
+        self._ids: list[torch.Tensor] = []
+        self._mean: list[torch.Tensor] = []
+
+    @staticmethod
+    def _merge(kept, values, ids, k, largest):
+        vals = torch.cat([kept[0], values], dim=1)
+        idx = torch.cat([kept[1], ids.expand(values.shape[0], -1)], dim=1)
+        best = torch.topk(vals, min(k, vals.shape[1]), dim=1, largest=largest, sorted=True)
+        return best.values, torch.gather(idx, 1, best.indices)
+
+    def add(self, part: PerExampleGrads) -> None:
+        _check_width(self.q, part.grads, self.method)
+        ids = part.ids.reshape(-1).cpu()
+        for rows, s in _row_scores(part.grads, self.q):
+            s = s.cpu()                                    # (rows, m)
+            self._ids.append(ids[rows])
+            self._mean.append(s.mean(dim=1))
+            self.top = self._merge(self.top, s.T, ids[rows][None], self.k, True)
+            self.bottom = self._merge(self.bottom, s.T, ids[rows][None], self.k, False)
+
+    def table(self) -> pa.Table:
+        """Per training example, the mean score over the queries, ids ascending."""
+        if not self._ids:
+            raise ValueError(f"{self.method}: no training gradients were added")
+        ids, mean = torch.cat(self._ids), torch.cat(self._mean)
+        order = torch.argsort(ids)
+        return score_table(ids[order], mean[order], self.method)
+
+    def extremes(self) -> pa.Table:
+        """Per query, its top-k (``side=top``, highest first) and bottom-k (``side=bottom``, lowest first)."""
+        rows = {name: [] for name in EXTREMES_SCHEMA.names}
+        for side, (values, ids) in (("top", self.top), ("bottom", self.bottom)):
+            m, k = values.shape
+            rows["method"] += [self.method] * (m * k)
+            rows["query"] += self.query_ids.repeat_interleave(k).tolist()
+            rows["side"] += [side] * (m * k)
+            rows["rank"] += list(range(k)) * m
+            rows["id"] += ids.reshape(-1).tolist()
+            rows["score"] += values.reshape(-1).tolist()
+        return pa.table(rows, schema=EXTREMES_SCHEMA)
 
 
 def classical_influence(query_grads: torch.Tensor, train: PerExampleGrads,
