@@ -140,7 +140,7 @@ def test_logra_bad_input_is_refused_before_compute_naming_the_field(gpt2):
         LograProjection(LograConfig(rank_in=40, rank_out=4), gpt2, selection)
     with pytest.raises(ValueError, match=r"gradients\.logra\.rank_out=200 is larger than the output width"):
         LograProjection(LograConfig(rank_in=4, rank_out=200), gpt2, selection)
-    with pytest.raises(ValueError, match=r"gradients\.method=logra projects linear layers only.*wte.weight"):
+    with pytest.raises(ValueError, match=r"gradients\.method=logra projects .* selects transformer\.wte\.weight \(Embedding\); narrow gradients\.params"):
         LograProjection(LograConfig(), gpt2, select_parameters(gpt2, ["transformer.wte.weight"]))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
     with pytest.raises(ValueError, match=r"logra.*0\.weight \(Conv2d\)"):
@@ -179,3 +179,43 @@ def test_streaming_scores_keep_each_querys_extremes_and_the_mean_without_the_mat
             assert torch.allclose(torch.tensor([r["score"] for r in rows], dtype=torch.float64), want.values)
     # memory: what the accumulator holds is O(m k + n), not n x m
     assert acc.top[0].shape == (m, k) and sum(t.numel() for t in acc._mean) == n
+
+
+def test_true_fisher_labels_are_sampled_per_example_id_outside_vmap_and_change_the_curvature(gpt2):
+    from interpflow.tasks.influence.task import sample_labels
+
+    batch = lm_batch(n=6)
+    sampled = sample_labels(gpt2, batch, seed=4)
+    again = sample_labels(gpt2, {k: v[2:] for k, v in batch.items()}, seed=4)     # another split, same ids
+    assert torch.equal(sampled["labels"][2:], again["labels"])
+    assert not torch.equal(sample_labels(gpt2, batch, seed=5)["labels"], sampled["labels"])
+    real = batch["attention_mask"].bool()
+    assert (sampled["labels"][:, 1:][real[:, 1:]] != batch["input_ids"][:, 1:][real[:, 1:]]).float().mean() > 0.5
+    task = CausalLMTask()
+    assert not torch.allclose(task.train_loss(gpt2, sampled), task.train_loss(gpt2, batch))
+    selection = select_parameters(gpt2, PARAMS)
+    # the sampled-label loss goes through vmap like any task input, and LoGra agrees with it there too
+    logra = LograProjection(LograConfig(rank_in=4, rank_out=4), gpt2, selection)
+    got, true_cov = logra.grads(gpt2, task, sampled, covariance=True)
+    assert float((got.grads - logra.project_full(per_example_grad_dict(gpt2, task, sampled, selection))).abs().max()) < 1e-5
+    _, emp_cov = logra.grads(gpt2, task, batch, covariance=True)
+    k = logra.layers[0].module
+    assert torch.equal(true_cov.a_sum[k], emp_cov.a_sum[k])          # same inputs: A is the same
+    assert not torch.allclose(true_cov.s_sum[k], emp_cov.s_sum[k], rtol=1e-2)
+
+
+def test_gradient_method_config_names_the_field():
+    from pydantic import ValidationError
+
+    from interpflow.tasks.influence.attribution import GradientsConfig
+    from interpflow.tasks.influence.projection import ProjectionConfig
+
+    assert GradientsConfig().method == "full" and GradientsConfig().projection is None
+    assert GradientsConfig(projection=ProjectionConfig(dim=8)).method == "dense_projection"
+    assert GradientsConfig(method="dense_projection").projection == ProjectionConfig()
+    with pytest.raises(ValidationError, match="gradients.method=full but gradients.projection is set"):
+        GradientsConfig(method="full", projection=ProjectionConfig(dim=8))
+    with pytest.raises(ValidationError, match="drop gradients.projection"):
+        GradientsConfig(method="logra", projection=ProjectionConfig(dim=8))
+    with pytest.raises(ValidationError, match="fisher"):
+        GradientsConfig(fisher="sampled")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interpflow.tasks import activations, models, text_corpus, tiny_lm
+from pathlib import Path
+
+from interpflow.tasks import activations, datasets_io, models, text_corpus, tiny_lm
 from interpflow.tasks.finetune import FinetuneConfig, finetune
 from interpflow.tasks.influence import attribution, benchmark
 from interpflow.tasks.influence import concept as concepts
@@ -47,9 +49,15 @@ class InfluenceStudy(BaseModel):
     concept: concepts.ConceptConfig = concepts.ConceptConfig()
     concept_vector: concepts.VectorFile | None = Field(None, description="use this direction (e.g. an SAE feature) "
                                                        "at concept.site instead of the fitted one")
-    probe_sites: list[str] = Field(default_factory=lambda: ["embed", "blocks.0.resid_post", "blocks.1.resid_post",
-                                                            "blocks.2.resid_post", "final_norm"], min_length=1,
-                                   description="sites of the layer sweep (must include concept.site)")
+    probe_sites: list[str] | None = Field(None, min_length=1,
+                                          description="sites of the layer sweep (must include concept.site); "
+                                                      "default: embed, every block's resid_post, final_norm")
+    train_data: datasets_io.DatasetSource | None = Field(
+        None, description="your own training set (columns gradients.text_column and gradients.id_column) in place "
+                          "of planted.train; without a label column (evaluate.label_column) the study scores "
+                          "only: no AUC and no removal")
+    fine_tune: bool = Field(True, description="fine-tune the base model on the training set first; false: "
+                                              "attribute the given model as it is (and skip removal)")
     gradients: attribution.GradientsConfig = attribution.GradientsConfig()
     scores: attribution.ScoreConfig = Field(attribution.ScoreConfig(), description="gradients is taken from above")
     evaluate: benchmark.EvaluateConfig = benchmark.EvaluateConfig()
@@ -72,7 +80,7 @@ class InfluenceStudy(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> InfluenceStudy:
-        if self.concept.site not in self.probe_sites:
+        if self.probe_sites is not None and self.concept.site not in self.probe_sites:
             raise ValueError(f"concept.site={self.concept.site!r} is not in probe_sites {self.probe_sites}; "
                              "add it to probe_sites")
         strategies = {m[m.index("[") + 1:-1] for m in self.removal.methods + [self.report.concept_method] if "[" in m}
@@ -90,8 +98,37 @@ class InfluenceStudy(BaseModel):
         return self
 
 
+def default_probe_sites(n_blocks: int) -> list[str]:
+    return ["embed", *(f"blocks.{i}.resid_post" for i in range(n_blocks)), "final_norm"]
+
+
+def probe_sites(cfg: InfluenceStudy) -> list[str]:
+    """The layer sweep's sites: as given, or every depth of the model in use (its block count read from
+    the tiny LM's config or, for a given model, from its config on ``meta``)."""
+    if cfg.probe_sites is not None:
+        return list(cfg.probe_sites)
+    n_blocks = cfg.lm.n_layer if cfg.model is None else study_sites(cfg.model, cfg.lm, cfg.load).n_blocks
+    sites = default_probe_sites(n_blocks)
+    if cfg.concept.site not in sites:
+        raise ValueError(f"concept.site={cfg.concept.site!r} is not a site of this {n_blocks}-block model; use one "
+                         f"of {sites} (or set probe_sites)")
+    return sites
+
+
+def has_labels(cfg: InfluenceStudy) -> bool:
+    """Whether the training set names its responsible examples (the planted set always does)."""
+    if cfg.train_data is None:
+        return True
+    return cfg.evaluate.label_column in datasets_io.load_source(cfg.train_data).column_names
+
+
 def influence_graph(cfg: InfluenceStudy) -> Graph:
-    data = node(planting.make_planted, cfg.planted, name="planted")
+    planted = node(planting.make_planted, cfg.planted, name="planted")
+    data = {part: planted[part] for part in ("train", "probe", "query", "heldout")}
+    sites = probe_sites(cfg)
+    if cfg.train_data is not None:
+        data["train"] = node(datasets_io.load_source, cfg.train_data, name="train_data",
+                             external={"dataset": datasets_io.dataset_identity(cfg.train_data)})
     if cfg.model is None:
         corpus = node(text_corpus.make_corpus, cfg.corpus, name="corpus")
         base = node(tiny_lm.train, cfg.lm, name="tiny_lm", corpus=corpus)["model"]
@@ -99,16 +136,17 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
         base = node(models.use_model, cfg.model, name="model",
                     external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
     training = Training(num_workers=cfg.finetune.num_workers, use_gpu=cfg.finetune.use_gpu)
-    tuned = trained(finetune, cfg.finetune, training=training, name="finetune", model=base, data=data["train"])["model"]
+    tuned = (trained(finetune, cfg.finetune, training=training, name="finetune", model=base, data=data["train"])["model"]
+             if cfg.fine_tune else base)
     pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus)
 
     # the concept: a probe and a direction per layer, on the fine-tuned model's pooled activations
-    pooled = sharded(activations.extract_shard, activations.ExtractConfig(sites=cfg.probe_sites, tokens="mean"),
+    pooled = sharded(activations.extract_shard, activations.ExtractConfig(sites=sites, tokens="mean"),
                      ids=activations.example_ids, num_shards=2, name="probe_activations", actors=pool,
                      data=data["probe"], model=tuned)
     per_site = {site: node(concepts.fit_concept, cfg.concept.model_copy(update={"site": site}),
                            name=f"concept.{site}", activations=pooled[site], data=data["probe"])
-                for site in cfg.probe_sites}
+                for site in sites}
     sweep = node(concepts.concept_sweep, name="concept_sweep", **{s: c["probe"] for s, c in per_site.items()})
     direction = per_site[cfg.concept.site]["direction"]
     if cfg.concept_vector is not None:
@@ -122,7 +160,24 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
     shards = dict(ids=attribution.train_ids, num_shards=cfg.num_shards, actors=pool, model=tuned, data=data["train"])
     grads = sharded(attribution.gradient_shard, cfg.gradients, name="gradients", **shards)
     stats, costs = {"diagonal": grads["diagonal"]}, {"gradients": grads["metrics"]}
-    if {"kfac", "ekfac"} & set(cfg.scores.preconditioners):
+    logra = cfg.gradients.method == "logra"
+    if {"kfac", "ekfac"} & set(cfg.scores.preconditioners) and logra:
+        # LoGra: the projected covariances came with the gradients; EK-FAC's eigenvalues are read off the
+        # stored projected gradients (the empirical Fisher), so no second or third model pass
+        basis = node(attribution.kfac_basis, cfg.gradients, name="kfac_basis", model=tuned,
+                     covariance=grads["covariance"])
+        stats["basis"] = basis["basis"]
+        costs["kfac_basis"] = basis["metrics"]
+        if "ekfac" in cfg.scores.preconditioners and cfg.gradients.fisher == "true":
+            lambdas = sharded(attribution.lambda_shard, cfg.gradients, name="ekfac_lambdas", basis=basis["basis"],
+                              **shards)
+        elif "ekfac" in cfg.scores.preconditioners:
+            lambdas = node(attribution.logra_lambdas, cfg.gradients, name="ekfac_lambdas", model=tuned,
+                           grads=grads["grads"], basis=basis["basis"])
+        if "ekfac" in cfg.scores.preconditioners:
+            stats["lambdas"] = lambdas["lambdas"]
+            costs["ekfac_lambdas"] = lambdas["metrics"]
+    elif {"kfac", "ekfac"} & set(cfg.scores.preconditioners):
         covariance = sharded(attribution.covariance_shard, cfg.gradients, name="covariance", **shards)
         basis = node(attribution.kfac_basis, cfg.gradients, name="kfac_basis", model=tuned,
                      covariance=covariance["covariance"])
@@ -153,9 +208,13 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
     costs.update(train_activations=train_acts["metrics"], query_activations=query_acts["metrics"],
                  activation_scores=activation_scores["metrics"],
                  concept=per_site[cfg.concept.site]["metrics"])
+    if not has_labels(cfg):               # the user's own data: scores, no ground truth to check them against
+        return Graph(gradient_scores, activation_scores, sweep)
     evaluated = node(benchmark.evaluate_methods, cfg.evaluate, name="attribution", train=data["train"],
                      gradient=gradient_scores["scores"], activation=activation_scores["scores"], **costs)
 
+    if not cfg.fine_tune:                  # removal means fine-tuning again: nothing to compare with
+        return Graph(evaluated, sweep)
     # removal: fine-tune again without each method's top k, and without k random examples
     trait_cfg = planting.TraitConfig(site=cfg.concept.site)
     full = node(planting.trait_metrics, trait_cfg.model_copy(update={"label": "full"}), name="trait.full",
@@ -186,15 +245,26 @@ def validate(cfg: InfluenceStudy) -> None:
                         ("n_heldout", "trait-measurement set (held-out prompts)")):
         if getattr(cfg.planted, field) == 0:
             raise ValueError(f"planted.{field}=0: the {what} is empty; attribution needs at least one text there")
+    if cfg.model is not None:
+        check_tokenizer_files(cfg.model.path)
+    if cfg.train_data is not None:
+        g = cfg.gradients
+        datasets_io.check_source(cfg.train_data, field="train_data.path", text_columns=(g.text_column,),
+                                 id_column=g.id_column)
+        attribution.check_texts(g, datasets_io.load_source(cfg.train_data), "training")
     sites = study_sites(cfg.model, cfg.lm, cfg.load)
     try:
-        resolved = sites.resolve_all(cfg.probe_sites)
+        resolved = sites.resolve_all(probe_sites(cfg))
     except ValueError as exc:
         raise ValueError(f"probe_sites: {exc}") from None
     try:
-        select_parameters(sites.model, cfg.gradients.params)
+        selection = select_parameters(sites.model, cfg.gradients.params)
     except ValueError as exc:
         raise ValueError(f"gradients.{exc}") from None
+    if cfg.gradients.method == "logra":            # linear layers only, ranks within every layer's widths
+        from interpflow.tasks.influence.logra import LograProjection
+
+        LograProjection(cfg.gradients.logra, sites.model, selection)
     if cfg.concept_vector is not None:
         width = sites.width(next(r for r in resolved if r.name == cfg.concept.site))
         v = concepts.read_direction(cfg.concept_vector.path)
@@ -212,5 +282,20 @@ def validate(cfg: InfluenceStudy) -> None:
             limit = model_max_length(sites.model.config, tokenizer, cfg.gradients.max_length)
         except ValueError as exc:
             raise ValueError(f"gradients.{exc}") from None
-        train = planting.make_planted(cfg.planted)["train"]
-        encode(tokenizer, list(train["text"]), limit, "error", list(train["id"]))
+        train = (planting.make_planted(cfg.planted)["train"] if cfg.train_data is None
+                 else datasets_io.load_source(cfg.train_data))
+        encode(tokenizer, list(train[cfg.gradients.text_column]), limit, "error", list(train[cfg.gradients.id_column]))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """A local model folder without tokenizer files loads an empty tokenizer that encodes every text as its
+    end token, and fine-tuning then 'converges' to loss 0: refuse it before compute."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(f"model.path={path!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save "
+                         "the tokenizer next to the weights (tokenizer.save_pretrained(folder)) or give the model's "
+                         "hub id")

@@ -64,8 +64,10 @@ class LograProjection:
         try:
             self.layers = kronecker_layers(model, selection)
         except ValueError as exc:
-            raise ValueError(f"{field}.method=logra projects linear layers only: "
-                             + str(exc).replace("kfac/ekfac: ", "") + f" ({field}.params)") from None
+            cannot = str(exc).split("cannot take ", 1)[-1].split(". Narrow", 1)[0]
+            raise ValueError(f"{field}.method=logra projects nn.Linear / GPT-2 Conv1D layers only, and {field}.params "
+                             f"selects {cannot}; narrow {field}.params to linear weights (e.g. "
+                             f"'transformer.h.*.mlp.c_fc.weight') or use {field}.method=full") from None
         if not self.layers:
             raise ValueError(f"{field}.method=logra: {field}.params selects no linear/Conv1D layer of "
                              f"{type(model).__name__}; select nn.Linear or Conv1D weights, or use method=full")

@@ -18,11 +18,15 @@ Two tasks for Hugging Face causal LMs ship here. The batch holds ``input_ids`` (
 ``attention_mask`` (n, T; 1 = real token, any padding side) and optionally ``loss_mask`` (n, T; 1 =
 this token is a prediction target, e.g. the response tokens; default the attention mask) and, for
 the concept measurement, ``query_mask`` (n, T; which tokens the concept is averaged over; default
-``loss_mask``, then the attention mask).
+``loss_mask``, then the attention mask). An optional ``labels`` (n, T) replaces the targets
+(``input_ids`` shifted by one): ``sample_labels`` fills it from the model's own predictions, so the
+gradients of that loss give the *true* Fisher (kronfluence's default) where the observed tokens give
+the empirical one.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from typing import Literal
 
@@ -89,7 +93,7 @@ class CausalLMTask(Task):
         return batch.get("attention_mask")
 
     def train_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        ids = batch["input_ids"]
+        ids = batch["labels"] if batch.get("labels") is not None else batch["input_ids"]
         logits = model(**self.model_inputs(batch)).logits[:, :-1]
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                 # the softmax of a half-precision model, in float32
@@ -98,6 +102,30 @@ class CausalLMTask(Task):
                               reduction="none").reshape(mask.shape)
         total = (nll * mask).sum(dim=1)
         return total / mask.sum(dim=1).clamp_min(1.0) if self.reduction == "mean" else total
+
+
+def label_seed(seed: int, example_id: int) -> int:
+    """The sampling seed of one example: the same on every shard, batch split and process."""
+    key = f"interpflow.influence.fisher|{seed}|{int(example_id)}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def sample_labels(model: nn.Module, batch: Batch, seed: int, id_key: str = "id") -> Batch:
+    """``batch`` plus ``labels``: each target token drawn from the model's predictive distribution at that
+    position, with a generator seeded by (seed, example id). Run once per batch *outside* ``vmap`` (no
+    random stream is needed inside the transform), so the sampled loss is an ordinary deterministic task
+    input and every shard draws the same labels for the same example."""
+    from .grads import functional_mode
+
+    with functional_mode(model):
+        logits = model(**CausalLMTask.model_inputs(batch)).logits[:, :-1].double()
+    probs = torch.softmax(logits, dim=-1).cpu()
+    labels = batch["input_ids"].clone()
+    for i, example_id in enumerate(torch.as_tensor(batch[id_key]).reshape(-1).tolist()):
+        gen = torch.Generator().manual_seed(label_seed(seed, example_id))
+        labels[i, 1:] = torch.multinomial(probs[i], 1, generator=gen)[:, 0].to(labels.device)
+    return {**batch, "labels": labels}
 
 
 class _SiteReached(Exception):
