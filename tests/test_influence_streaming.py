@@ -43,7 +43,7 @@ def test_sharded_logra_statistics_reduce_to_the_single_process_scores(lm):
     out = attribution.gradient_scores(attribution.ScoreConfig(gradients=cfg, preconditioners=["identity", "ekfac"],
                                                               top_k=2),
                                       lm, [s["grads"] for s in shards], query, diagonal=[s["diagonal"] for s in shards],
-                                      basis=basis, lambdas=[lambdas])
+                                      basis=basis, lambdas=lambdas)   # one node's dict, as the engine passes it
     scores, extremes = out["scores"], out["extremes"]
     assert extremes.num_rows == 2 * 2 * 2 * 3 * 2          # methods x strategies x sides x queries x k
     # the single-process path: every batch in one process, EK-FAC fitted on them, scored with influence()

@@ -347,7 +347,8 @@ def _preconditioner(strategy: str, cfg: ScoreConfig, loaded, selection: ParamSel
     space, layers = _kron_space(cfg.gradients, loaded)
     stats = KroneckerStats(space, KroneckerBasis.from_tensors(basis, layers))
     if strategy == "ekfac":
-        stats.lambdas = sum_stats(LambdaStats.from_tensors(x) for x in lambdas)
+        parts = [lambdas] if isinstance(lambdas, dict) else lambdas    # one reduce node (logra) or per shard
+        stats.lambdas = sum_stats(LambdaStats.from_tensors(x) for x in parts)
     return fit(pre_cfg, stats)
 
 
