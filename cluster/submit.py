@@ -1,16 +1,37 @@
-"""Submit a spec to a Ray cluster through the Ray Jobs SDK.
+"""Submit a spec to a Ray cluster through the Ray Jobs SDK; follow, read and stop its jobs.
 
-The job's `submission_id` is derived from the spec, so submitting the same spec twice attaches to
-the job already there instead of starting a second one. The package travels as the contents of
-its wheel in the job's runtime env (`py_modules`), the spec in its `working_dir`. Token auth: the Jobs client sends
-the cluster token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token when auth is on.
+- Address: `--address` wins; else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (Ray's own order, but Ray lets
+  the environment override an explicit address: here the explicit one wins).
+- What the job runs is the spec after overrides with its `run.store` and `run.tracking_uri` resolved on
+  the client (`resolve_for_cluster`): a relative path is made absolute when the cluster is this machine
+  and refused otherwise, since a job would write it inside its own temporary working directory.
+- The spec travels as JSON (`spec_text`): JSON is YAML 1.2, the project's spec dialect, so every value
+  reads back as what it was (PyYAML's `safe_dump` writes YAML 1.1 and leaves `"1e5"` unquoted: a float
+  when read back under 1.2).
+- The job's `submission_id` is `interpflow-<workflow>-<digest of the shipped spec>`; it is also the run
+  id of the job's run, so `interpflow status <id>` reads it from the client. Submitting the same spec
+  again attaches to that job while it is pending, running or succeeded. If its last attempt failed or
+  was stopped, a new attempt starts (`<id>-2`, `<id>-3`, ...) as a resume: a new run that names the last
+  attempt's run as its origin and reuses every node and shard committed in the store.
+- The package travels as the contents of its wheel in the job's runtime env (`py_modules`), the spec in
+  its `working_dir`, the client's git commit in the job's environment (`cluster/job.py` records it).
+- Token auth: the Jobs client sends the cluster token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH /
+  ~/.ray/auth_token when there is one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
 import hashlib
+import ipaddress
+import json
+import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +39,25 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import yaml
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 from interpflow.workflows.engine.keys import canonical_json
 from interpflow.workflows.spec import Spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+CODE_ENV = ("INTERPFLOW_CODE_COMMIT", "INTERPFLOW_CODE_DIRTY")
+ENTRYPOINT = "python -m interpflow.cluster.job spec.yaml"
+
+
+class SubmitError(ValueError):
+    """Something the user can fix before any job runs (no address, a relative store for a remote
+    cluster, an unknown job id, an unreachable Jobs API); the CLI prints it as one line, exit 2."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -34,12 +65,138 @@ class Submission:
     submission_id: str
     status: str
     attached: bool
+    attempt: int = 1
+    origin: str | None = None  # the run id of the attempt this one resumes
+    store: str | None = None
 
 
-def submission_id_for(spec: Spec) -> str:
-    """Stable job id: the workflow name and a digest of the whole spec after overrides."""
-    digest = hashlib.sha256(canonical_json(spec.raw).encode()).hexdigest()[:16]
-    return f"interpflow-{spec.workflow}-{digest}"
+# --------------------------------------------------------------------------------------------- address
+
+def cluster_address(explicit: str | None = None) -> str:
+    """The Jobs API address to use: `explicit`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
+    if explicit:
+        return explicit
+    for name in ADDRESS_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    raise SubmitError("no Ray cluster address. Fix: pass --address http://HEAD:8265 (the head's dashboard), "
+                      "or set RAY_API_SERVER_ADDRESS (or RAY_ADDRESS) to it")
+
+
+def address_host(address: str) -> str:
+    """The host part of a Jobs or Ray address (`http://h:8265`, `ray://h:10001`, `h:6379`, `auto`)."""
+    if address in ("auto", "local", "localhost"):
+        return "127.0.0.1"
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    return parts.hostname or ""
+
+
+def _own_addresses() -> set[str]:
+    names = {socket.gethostname(), socket.getfqdn()}
+    found = set(names)
+    for name in names:
+        with contextlib.suppress(OSError):
+            found.update(info[4][0] for info in socket.getaddrinfo(name, None))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET: no packet is sent; the kernel picks the outgoing interface
+        found.add(s.getsockname()[0])
+    return found
+
+
+def is_local_address(address: str) -> bool:
+    """Whether the cluster at `address` is this machine (loopback, this host's name or addresses): then
+    its jobs see this machine's files."""
+    host = address_host(address)
+    if host == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    return host in _own_addresses()
+
+
+# ------------------------------------------------------------------------------------ what the job runs
+
+def _relative_path(value: str) -> bool:
+    return "://" not in value and not Path(value).expanduser().is_absolute()
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The file path of a `sqlite:///path` URI (relative with three slashes, absolute with four)."""
+    match = re.fullmatch(r"sqlite:///(.*)", uri)
+    return match.group(1) if match and match.group(1) != ":memory:" else None
+
+
+def resolve_for_cluster(spec: Spec, address: str) -> dict:
+    """The spec to ship: `spec.raw` with `run.store` and `run.tracking_uri` as the client resolved them.
+
+    A relative store or SQLite path is made absolute (against the client's working directory) when the
+    cluster is this machine; for another machine it is refused with one line naming both fields and the
+    fix. A remote store with no tracking URI is refused too (the job would fail on it)."""
+    raw = copy.deepcopy(spec.raw)
+    run = dict(raw.get("run") or {})
+    local = is_local_address(address)
+    store = spec.settings.store
+    tracking = spec.settings.tracking_uri
+    problems = []
+    if _relative_path(store):
+        if local:
+            store = str(Path(store).expanduser().resolve())
+        else:
+            problems.append(f"run.store '{store}' is a relative path")
+    elif "://" not in store and local:
+        store = str(Path(store).expanduser())
+    run["store"] = store  # explicit even when it came from INTERPFLOW_STORE on the client
+    if tracking:
+        db = _sqlite_path(tracking)
+        if db is not None and _relative_path(db):
+            if local:
+                tracking = f"sqlite:///{Path(db).expanduser().resolve()}"
+            else:
+                problems.append(f"run.tracking_uri '{tracking}' is a relative SQLite path")
+        elif "://" not in tracking and _relative_path(tracking):
+            if local:
+                tracking = str(Path(tracking).expanduser().resolve())
+            else:
+                problems.append(f"run.tracking_uri '{tracking}' is a relative path")
+        run["tracking_uri"] = tracking
+    elif "://" in store and spec.settings.lineage:
+        problems.append(f"run.tracking_uri is not set for the remote store {store}")
+    if problems:
+        raise SubmitError(
+            f"{'; '.join(problems)}: a job on {address} would keep them in its own temporary working directory, "
+            "unshared between jobs and unseen by this client. Fix: set run.store to a URI or mount every node "
+            "shares (run.store=s3://bucket/prefix) and run.tracking_uri to an MLflow server "
+            "(run.tracking_uri=http://mlflow:5000), in the spec or as overrides")
+    raw["run"] = run
+    return raw
+
+
+def _yaml12(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml12(k)}: {_yaml12(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml12(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no spelling for these; YAML 1.2 has
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def spec_text(raw: dict) -> str:
+    """`raw` as spec file text that `workflows.spec.parse_yaml` (YAML 1.2) reads back equal: JSON, which is
+    YAML 1.2, plus `.inf`/`-.inf`/`.nan` for the floats JSON cannot spell."""
+    return "# written by interpflow submit: JSON, read as YAML 1.2\n" + _yaml12(raw) + "\n"
+
+
+def submission_id_for(spec: Spec | dict) -> str:
+    """Stable job id: the workflow name and a digest of the whole spec as shipped (after overrides)."""
+    raw = spec.raw if isinstance(spec, Spec) else spec
+    digest = hashlib.sha256(canonical_json(raw).encode()).hexdigest()[:16]
+    return f"interpflow-{raw.get('workflow')}-{digest}"
+
+
+def attempt_id(base: str, attempt: int) -> str:
+    return base if attempt == 1 else f"{base}-{attempt}"
 
 
 def build_package(dest: Path) -> Path:
@@ -57,6 +214,15 @@ def build_package(dest: Path) -> Path:
     return dest / "unpacked" / "interpflow"
 
 
+def client_code_version() -> dict[str, str]:
+    """The git commit and dirty flag of the checkout the shipped package is built from."""
+    from interpflow.workflows.engine.lineage import code_version
+
+    return code_version(PROJECT_ROOT)
+
+
+# ---------------------------------------------------------------------------------------- Jobs client
+
 def cluster_auth_headers() -> dict[str, str]:
     """The bearer header for a token-auth cluster, from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token (where `ray start` writes it). Empty if no token is at hand.
@@ -71,10 +237,50 @@ def cluster_auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def jobs_client(address: str):
+@contextlib.contextmanager
+def _address_env_aside() -> Iterator[None]:
+    """Ray's JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is
+    given; set them aside while it resolves ours."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def jobs_client(address: str | None = None):
+    """A JobSubmissionClient for `address` (or the environment's, see `cluster_address`), with the token."""
+    address = cluster_address(address)  # one line before Ray is imported when there is none
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address, headers=cluster_auth_headers())
+    try:
+        with _address_env_aside():
+            return JobSubmissionClient(address, headers=cluster_auth_headers())
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {address} ({str(exc).splitlines()[0][:200]}). "
+                          "Fix: start the head, or point --address / RAY_API_SERVER_ADDRESS at its dashboard "
+                          "(http://HEAD:8265)") from None
+
+
+def job_status(client, job: str) -> str:
+    try:
+        return str(client.get_job_status(job).value)
+    except RuntimeError as exc:  # the Jobs API answers 404 for an unknown id
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise SubmitError(f"no job '{job}' on {client.get_address()}. Fix: give a submission id that "
+                              "`interpflow submit` printed (or `ray job list` shows)") from None
+        raise
+
+
+def attempts_of(client, base: str) -> dict[int, Any]:
+    """Jobs of this spec by attempt number (1 is `base` itself, n is `base-n`)."""
+    found = {}
+    pattern = re.compile(re.escape(base) + r"(?:-(\d+))?")
+    for job in client.list_jobs():
+        match = pattern.fullmatch(job.submission_id or "")
+        if match:
+            found[int(match.group(1) or 1)] = job
+    return found
 
 
 def _submit_when_ready(client, timeout_s: float, **job) -> None:
@@ -91,36 +297,101 @@ def _submit_when_ready(client, timeout_s: float, **job) -> None:
             time.sleep(2.0)
 
 
-def submit_spec(spec: Spec, address: str, wait: bool = True, timeout_s: float = 1800,
-                echo: Callable[[str], None] = print) -> Submission:
-    client = jobs_client(address)
-    sid = submission_id_for(spec)
+def follow_logs(client, job: str, write: Callable[[str], None], timeout_s: float = 1800) -> str:
+    """Stream the job's logs to `write` as they come (Ray's `tail_job_logs`) until it ends or `timeout_s`
+    passes; then its status. The whole log so far is streamed first."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job):
+            write(chunk)
+
+    deadline = time.time() + timeout_s
     try:
-        status = str(client.get_job_status(sid).value)
-        attached = True
+        asyncio.run(asyncio.wait_for(tail(), timeout_s))
+    except asyncio.TimeoutError:
+        return job_status(client, job)
+    except RuntimeError as exc:  # the log stream broke: say so and keep following the status
+        write(f"[interpflow] log stream of {job} ended early ({exc}); following its status\n")
+    status = job_status(client, job)
+    while status not in TERMINAL and time.time() < deadline:  # the stream ends a moment before the status
+        time.sleep(0.5)
+        status = job_status(client, job)
+    return status
+
+
+def wait_for(client, job: str, timeout_s: float, poll_s: float = 1.0) -> str:
+    deadline = time.time() + timeout_s
+    status = job_status(client, job)
+    while status not in TERMINAL and time.time() < deadline:
+        time.sleep(poll_s)
+        status = job_status(client, job)
+    return status
+
+
+def submit_spec(spec: Spec, address: str | None = None, wait: bool = True, timeout_s: float = 1800,
+                echo: Callable[[str], None] = print,
+                write: Callable[[str], None] | None = None) -> Submission:
+    """Submit `spec` as a Ray job, or attach to the job of this spec already there (see the module
+    docstring); with `wait`, stream its logs to `write` until it ends."""
+    address = cluster_address(address)
+    raw = resolve_for_cluster(spec, address)  # refused before anything is contacted
+    client = jobs_client(address)
+    base = submission_id_for(raw)
+    attempts = attempts_of(client, base)
+    last = max(attempts, default=0)
+    store = raw["run"]["store"]
+    if last and str(attempts[last].status.value) not in ("FAILED", "STOPPED"):
+        sid, status = attempt_id(base, last), str(attempts[last].status.value)
         echo(f"job {sid} exists ({status}); attaching instead of submitting again")
-    except RuntimeError:  # the Jobs API answers 404 for an unknown id
-        attached = False
+        result = Submission(sid, status, attached=True, attempt=last, store=store)
+    else:
+        attempt = last + 1
+        sid = attempt_id(base, attempt)
+        origin = attempt_id(base, last) if last else None
+        entrypoint = f"{ENTRYPOINT} --run-id {sid}" + (f" --origin {origin}" if origin else "")
+        code = client_code_version()
         staging = Path(tempfile.mkdtemp(prefix="interpflow-submit-"))
         try:
             workdir = staging / "job"
             workdir.mkdir()
-            (workdir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+            (workdir / "spec.yaml").write_text(spec_text(raw), encoding="utf-8")
             package = build_package(staging / "wheel")
-            _submit_when_ready(client, timeout_s=120,
-                               entrypoint="python -m interpflow.workflows.cli run spec.yaml --no-progress",
-                               submission_id=sid,
-                               runtime_env={"working_dir": str(workdir), "py_modules": [str(package)]},
-                               metadata={"interpflow_workflow": spec.workflow})
+            _submit_when_ready(client, timeout_s=120, entrypoint=entrypoint, submission_id=sid,
+                               runtime_env={"working_dir": str(workdir), "py_modules": [str(package)],
+                                            "env_vars": {CODE_ENV[0]: code["commit"], CODE_ENV[1]: code["dirty"]}},
+                               metadata={"interpflow_workflow": str(raw.get("workflow")), "interpflow_run_id": sid,
+                                         "interpflow_attempt": str(attempt), "interpflow_origin": origin or "",
+                                         "interpflow_store": store})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        echo(f"submitted job {sid}")
-        status = "PENDING"
-    if wait:
-        deadline = time.time() + timeout_s
-        while status not in TERMINAL and time.time() < deadline:
-            time.sleep(1.0)
-            status = str(client.get_job_status(sid).value)
-        if status == "FAILED":
-            echo(client.get_job_logs(sid)[-4000:])
-    return Submission(sid, status, attached)
+        if origin:
+            echo(f"job {origin} ended {attempts[last].status.value}: submitted attempt {attempt} as job {sid}, "
+                 f"resuming run {origin} from the store")
+        else:
+            echo(f"submitted job {sid}")
+        result = Submission(sid, "PENDING", attached=False, attempt=attempt, origin=origin, store=store)
+    if wait and result.status not in TERMINAL:
+        result.status = follow_logs(client, sid, write or (lambda s: print(s, end="", flush=True)), timeout_s)
+    return result
+
+
+def job_logs(job: str, address: str | None = None, follow: bool = False,
+             write: Callable[[str], None] = print) -> str:
+    """Write the job's logs (all so far, or followed until it ends); return its status."""
+    client = jobs_client(address)
+    status = job_status(client, job)
+    if follow and status not in TERMINAL:
+        return follow_logs(client, job, write)
+    write(client.get_job_logs(job))
+    return status
+
+
+def stop_job(job: str, address: str | None = None, timeout_s: float = 60) -> tuple[str, bool]:
+    """Stop the job (Ray sends its driver SIGTERM, then SIGKILL) and wait until it has ended. Returns its
+    final status and whether this call stopped it (False: it had already ended)."""
+    client = jobs_client(address)
+    status = job_status(client, job)
+    if status in TERMINAL:
+        return status, False
+    client.stop_job(job)
+    return wait_for(client, job, timeout_s, poll_s=0.5), True

@@ -437,23 +437,75 @@ def verify(run_id: Optional[str] = typer.Argument(None, help="run id (default: e
     raise typer.Exit(0 if report.ok else 1)
 
 
+ADDRESS_OPT = typer.Option(None, "--address", help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265; "
+                                                    "default RAY_API_SERVER_ADDRESS, then RAY_ADDRESS")
+
+
+def _write_raw(text: str) -> None:
+    """A job's log text as it comes, unstyled and unwrapped."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @app.command()
-def submit(spec: str, overrides: Optional[list[str]] = typer.Argument(None),
-           address: str = typer.Option(..., help="Ray dashboard address, e.g. http://127.0.0.1:8265"),
-           wait: bool = typer.Option(True, help="follow the job until it ends"),
-           timeout: float = typer.Option(1800, help="seconds to wait when following")) -> None:
-    """Submit a spec to a Ray cluster as a Ray job (resubmitting the same spec attaches to it)."""
-    from interpflow.cluster.submit import submit_spec
+def submit(spec: str = typer.Argument(..., help="spec file, or a bundled spec name", autocompletion=_complete_spec),
+           overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. transform.power=3"),
+           address: Optional[str] = ADDRESS_OPT,
+           wait: bool = typer.Option(True, help="stream the job's logs until it ends"),
+           timeout: float = typer.Option(1800, help="seconds to follow the job")) -> None:
+    """Submit a spec to a Ray cluster as a Ray job.
+
+    The same spec again attaches to its job while that is pending, running or succeeded; after a failed or
+    stopped job it starts a new attempt that resumes the run from the store. A relative run.store or SQLite
+    run.tracking_uri is made absolute for a cluster on this machine and refused for any other."""
+    from interpflow.cluster.submit import SubmitError, submit_spec
     from interpflow.workflows.spec import SpecError, load_spec
 
     try:
         loaded = load_spec(spec, list(overrides or []), check_store=False)
-    except SpecError as exc:
+        result = submit_spec(loaded, address, wait=wait, timeout_s=timeout,
+                             echo=lambda m: out.print(m, markup=False, highlight=False, soft_wrap=True),
+                             write=_write_raw)
+    except (SpecError, SubmitError) as exc:
         _fail_input(str(exc))
-    result = submit_spec(loaded, address, wait=wait, timeout_s=timeout, echo=out.print)
     out.print(f"job {result.submission_id}: {result.status}"
-              + (" (already submitted; attached)" if result.attached else ""))
+              + (" (already submitted; attached)" if result.attached else ""), markup=False, highlight=False)
+    out.print(f"run {result.submission_id} in {result.store}: interpflow status {result.submission_id} --store "
+              f"{result.store}; logs: interpflow logs {result.submission_id}; stop: interpflow stop "
+              f"{result.submission_id}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if result.status in ("SUCCEEDED", "RUNNING", "PENDING") else 1)
+
+
+@app.command()
+def logs(job: str = typer.Argument(..., help="submission id of the job (interpflow submit prints it)"),
+         address: Optional[str] = ADDRESS_OPT,
+         follow: bool = typer.Option(False, "--follow", "-f", help="stream the logs until the job ends")) -> None:
+    """Print a Ray job's logs (exit 1 if the job failed or was stopped)."""
+    from interpflow.cluster.submit import SubmitError, job_logs
+
+    try:
+        status = job_logs(job, address, follow=follow, write=_write_raw)
+    except SubmitError as exc:
+        _fail_input(str(exc))
+    raise typer.Exit(1 if status in ("FAILED", "STOPPED") else 0)
+
+
+@app.command()
+def stop(job: str = typer.Argument(..., help="submission id of the job (interpflow submit prints it)"),
+         address: Optional[str] = ADDRESS_OPT,
+         timeout: float = typer.Option(60, help="seconds to wait for the job to end")) -> None:
+    """Stop a Ray job and wait until it has ended; submitting its spec again resumes it."""
+    from interpflow.cluster.submit import SubmitError, stop_job
+
+    try:
+        status, stopped = stop_job(job, address, timeout_s=timeout)
+    except SubmitError as exc:
+        _fail_input(str(exc))
+    if not stopped:
+        out.print(f"job {job} had already ended: {status}", markup=False, highlight=False)
+        raise typer.Exit(0)
+    out.print(f"job {job}: {status}", markup=False, highlight=False)
+    raise typer.Exit(0 if status in ("STOPPED", "SUCCEEDED", "FAILED") else 1)
 
 
 @app.command("serve")
