@@ -4,7 +4,8 @@
   the environment override an explicit address: here the explicit one wins).
 - What the job runs is the spec after overrides with its `run.store` and `run.tracking_uri` resolved on
   the client (`resolve_for_cluster`): a relative path is made absolute when the cluster is this machine
-  and refused otherwise, since a job would write it inside its own temporary working directory.
+  (its address is this machine's and its nodes' host names are this host's: a loopback address may be an
+  SSH tunnel) and refused otherwise, since a job would write it inside its own temporary working directory.
 - The spec travels as JSON (`spec_text`): JSON is YAML 1.2, the project's spec dialect, so every value
   reads back as what it was (PyYAML's `safe_dump` writes YAML 1.1 and leaves `"1e5"` unquoted: a float
   when read back under 1.2).
@@ -127,15 +128,16 @@ def _sqlite_path(uri: str) -> str | None:
     return match.group(1) if match and match.group(1) != ":memory:" else None
 
 
-def resolve_for_cluster(spec: Spec, address: str) -> dict:
+def resolve_for_cluster(spec: Spec, address: str, local: bool | None = None) -> dict:
     """The spec to ship: `spec.raw` with `run.store` and `run.tracking_uri` as the client resolved them.
 
     A relative store or SQLite path is made absolute (against the client's working directory) when the
-    cluster is this machine; for another machine it is refused with one line naming both fields and the
-    fix. A remote store with no tracking URI is refused too (the job would fail on it)."""
+    cluster is this machine (`local`; default: judged from the address alone); for another machine it is
+    refused with one line naming both fields and the fix. A remote store with no tracking URI is refused
+    too (the job would fail on it)."""
     raw = copy.deepcopy(spec.raw)
     run = dict(raw.get("run") or {})
-    local = is_local_address(address)
+    local = is_local_address(address) if local is None else local
     store = spec.settings.store
     tracking = spec.settings.tracking_uri
     problems = []
@@ -262,6 +264,26 @@ def jobs_client(address: str | None = None):
                           "(http://HEAD:8265)") from None
 
 
+def cluster_hostnames(client) -> list[str] | None:
+    """Host names of the cluster's live nodes, from the dashboard (None if it does not say)."""
+    try:
+        response = client._do_request("GET", "/nodes?view=hostNameList")
+        hosts = list(response.json()["data"]["hostNameList"]) if response.status_code == 200 else []
+        return hosts or None  # none yet: the dashboard learns of the nodes a moment after it starts
+    except Exception:  # noqa: BLE001 - a dashboard without the node module: judge by the address alone
+        return None
+
+
+def hosts_are_this_machine(hosts: list[str] | None) -> bool:
+    """Whether nodes of these host names see this machine's files: all of them are this host (a loopback
+    address can be an SSH tunnel to another machine's dashboard; network namespaces share the host name
+    and the files). Unknown (None) counts as this machine: the address already looked local."""
+    if hosts is None:
+        return True
+    own = {socket.gethostname(), socket.getfqdn()}
+    return all(h in own for h in hosts)
+
+
 def job_status(client, job: str) -> str:
     try:
         return str(client.get_job_status(job).value)
@@ -334,8 +356,13 @@ def submit_spec(spec: Spec, address: str | None = None, wait: bool = True, timeo
     """Submit `spec` as a Ray job, or attach to the job of this spec already there (see the module
     docstring); with `wait`, stream its logs to `write` until it ends."""
     address = cluster_address(address)
-    raw = resolve_for_cluster(spec, address)  # refused before anything is contacted
+    looks_local = is_local_address(address)
+    if not looks_local:
+        resolve_for_cluster(spec, address, local=False)  # a relative path is refused before anything is contacted
     client = jobs_client(address)
+    hosts = cluster_hostnames(client) if looks_local else None
+    where = address if hosts_are_this_machine(hosts) else f"{address} (a cluster on {', '.join(sorted(hosts))})"
+    raw = resolve_for_cluster(spec, where, local=looks_local and hosts_are_this_machine(hosts))
     base = submission_id_for(raw)
     attempts = attempts_of(client, base)
     last = max(attempts, default=0)

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from interpflow.cluster.submit import (SubmitError, is_local_address, resolve_for_cluster, spec_text,
-                                       submission_id_for)
+from interpflow.cluster.submit import (SubmitError, hosts_are_this_machine, is_local_address, resolve_for_cluster,
+                                       spec_text, submission_id_for)
 from interpflow.workflows.spec import load_spec, parse_yaml
 from support import cli
 
@@ -115,8 +115,14 @@ def _git_head() -> str:
 
 def test_submit_from_env_address_streams_logs_resolves_relative_store_and_records_commit(ray_head, tmp_path,
                                                                                        monkeypatch):
-    from interpflow.cluster.submit import jobs_client
+    from interpflow.cluster.submit import cluster_hostnames, jobs_client
 
+    # the head's nodes say they are this host: a local address that is no tunnel to another machine
+    deadline, hosts = time.time() + 60, None
+    while hosts is None and time.time() < deadline:
+        hosts = cluster_hostnames(jobs_client(ray_head))
+        time.sleep(0 if hosts else 1)
+    assert hosts == [socket.gethostname()]
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     monkeypatch.chdir(client_dir)  # the in-process commands below resolve the relative store here too
@@ -211,6 +217,10 @@ def test_store_resolution_for_local_and_remote_clusters(tmp_path, monkeypatch):
     local = resolve_for_cluster(spec, "http://127.0.0.1:8265")["run"]
     assert local == {"store": str(tmp_path / "envstore"), "tracking_uri": f"sqlite:///{tmp_path / 'db/mlflow.db'}"}
     assert is_local_address(f"http://{socket.gethostname()}:8265") and not is_local_address(NOWHERE)
+    # a loopback address whose nodes are another host (an SSH tunnel to a cluster's dashboard) is not local
+    assert hosts_are_this_machine([socket.gethostname()]) and not hosts_are_this_machine(["ip-10-0-0-5"])
+    with pytest.raises(SubmitError, match="run.store 'envstore' is a relative path"):
+        resolve_for_cluster(spec, "http://127.0.0.1:8265 (a cluster on ip-10-0-0-5)", local=False)
     with pytest.raises(SubmitError, match=r"run.store 'envstore' is a relative path; run.tracking_uri "
                                           r"'sqlite:///db/mlflow.db' is a relative SQLite path"):
         resolve_for_cluster(spec, NOWHERE)
