@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -127,19 +128,28 @@ def test_submit_from_env_address_streams_logs_resolves_relative_store_and_record
     client_dir.mkdir()
     monkeypatch.chdir(client_dir)  # the in-process commands below resolve the relative store here too
     spec = _spec(client_dir / "spec.yaml", "store", "sqlite:///mlflow.db", numbers={"n": 300}, num_shards=3)
-    commit = _git_head()  # before the submit: the commit the shipped package was built from
+    # a string that YAML 1.1 dumps unquoted and YAML 1.2 reads as a float: the job must see the string
+    spec.write_text(spec.read_text().replace("run:\n", "run:\n  experiment: '1e5'\n"))
+    before = _git_head()  # the commit the shipped package is built from (others may commit meanwhile)
     first = cli("submit", str(spec), cwd=client_dir, timeout=300,
                 env={"RAY_API_SERVER_ADDRESS": ray_head, "RAY_ADDRESS": ""})
     out = first.stdout
     assert first.returncode == 0, out + first.stderr
+    commits = {before, _git_head()}
     sid = out.split("submitted job ")[1].split()[0]
     # the job's own summary (printed by the job's driver on the cluster) was streamed before the verdict
     assert f"run {sid}: succeeded" in out and out.index(f"run {sid}: succeeded") < out.index(f"job {sid}: SUCCEEDED")
     store = client_dir / "store"  # the relative store, resolved against the client's directory
     record = _record(store, sid)
     assert record["status"] == "succeeded" and record["settings"]["store"] == str(store)
-    assert record["code"]["commit"] == commit, record["code"]
+    assert record["code"]["commit"] in commits, record["code"]
+    commit = record["code"]["commit"]
     assert (client_dir / "mlflow.db").exists() and record["tracking_uri"] == f"sqlite:///{client_dir / 'mlflow.db'}"
+    with sqlite3.connect(client_dir / "mlflow.db") as db:  # MLflow's own tables, read without importing mlflow
+        tags = db.execute("SELECT DISTINCT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid JOIN "
+                          "experiments e ON e.experiment_id = r.experiment_id WHERE t.key = "
+                          "'mlflow.source.git.commit' AND e.name = '1e5'").fetchall()
+    assert tags == [(commit,)], tags  # the parent run and every node run, in the experiment named "1e5"
 
     # the same spec again attaches; an explicit --address wins over a wrong RAY_API_SERVER_ADDRESS/RAY_ADDRESS
     second = invoke("submit", str(spec), "--address", ray_head,
