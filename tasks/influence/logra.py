@@ -44,9 +44,9 @@ class LograConfig(BaseModel):
     """Ranks of the two projections of every selected linear layer, and their seed."""
 
     model_config = ConfigDict(extra="forbid")
-    rank_in: int = Field(16, ge=1, description="rows of P_in: projected input-activation width (at most each "
+    rank_in: int = Field(32, ge=1, description="rows of P_in: projected input-activation width (at most each "
                                                "layer's input width, +1 with its bias)")
-    rank_out: int = Field(16, ge=1, description="rows of P_out: projected output-gradient width (at most each "
+    rank_out: int = Field(32, ge=1, description="rows of P_out: projected output-gradient width (at most each "
                                                 "layer's output width)")
     seed: Seed = Field(0, description="seeds every layer's two matrices with the layer's name and shape")
 
