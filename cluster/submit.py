@@ -319,6 +319,18 @@ def _submit_when_ready(client, timeout_s: float, **job) -> None:
             time.sleep(2.0)
 
 
+def _run_coroutine(make: Callable[[], Any]) -> Any:
+    """`asyncio.run(make())`, in a thread of its own when this thread already runs an event loop (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
 def follow_logs(client, job: str, write: Callable[[str], None], timeout_s: float = 1800) -> str:
     """Stream the job's logs to `write` as they come (Ray's `tail_job_logs`) until it ends or `timeout_s`
     passes; then its status. The whole log so far is streamed first."""
@@ -329,7 +341,7 @@ def follow_logs(client, job: str, write: Callable[[str], None], timeout_s: float
 
     deadline = time.time() + timeout_s
     try:
-        asyncio.run(asyncio.wait_for(tail(), timeout_s))
+        _run_coroutine(lambda: asyncio.wait_for(tail(), timeout_s))
     except asyncio.TimeoutError:
         return job_status(client, job)
     except RuntimeError as exc:  # the log stream broke: say so and keep following the status

@@ -270,3 +270,19 @@ def test_logs_and_stop_need_an_address():
         done = invoke(command, "some-job", env=NO_ADDRESS_ENV)
         assert done.exit_code == 2 and "no Ray cluster address" in done.output, (command, done.output)
 
+
+
+def test_log_following_works_from_inside_a_running_event_loop():
+    """A notebook runs an event loop: following a job's logs from there must not fail on asyncio.run."""
+    import asyncio
+
+    from interpflow.cluster.submit import _run_coroutine
+
+    async def chunk():
+        await asyncio.sleep(0)
+        return "log line"
+
+    async def notebook_cell():
+        return _run_coroutine(chunk)
+
+    assert asyncio.run(notebook_cell()) == "log line" and _run_coroutine(chunk) == "log line"
