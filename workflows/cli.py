@@ -447,6 +447,13 @@ def _write_raw(text: str) -> None:
     sys.stdout.flush()
 
 
+def _stopped_following(job: str | None = None) -> None:
+    name = job or "the job"
+    err.print(f"\nstopped following {name}; it keeps running on the cluster (interpflow logs -f {job or 'JOB'} "
+              f"follows it again, interpflow stop {job or 'JOB'} stops it)", markup=False, highlight=False)
+    raise typer.Exit(130)
+
+
 @app.command()
 def submit(spec: str = typer.Argument(..., help="spec file, or a bundled spec name", autocompletion=_complete_spec),
            overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. transform.power=3"),
@@ -468,6 +475,8 @@ def submit(spec: str = typer.Argument(..., help="spec file, or a bundled spec na
                              write=_write_raw)
     except (SpecError, SubmitError) as exc:
         _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _stopped_following()
     out.print(f"job {result.submission_id}: {result.status}"
               + (" (already submitted; attached)" if result.attached else ""), markup=False, highlight=False)
     out.print(f"run {result.submission_id} in {result.store}: interpflow status {result.submission_id} --store "
@@ -487,6 +496,8 @@ def logs(job: str = typer.Argument(..., help="submission id of the job (interpfl
         status = job_logs(job, address, follow=follow, write=_write_raw)
     except SubmitError as exc:
         _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _stopped_following(job)
     raise typer.Exit(1 if status in ("FAILED", "STOPPED") else 0)
 
 
