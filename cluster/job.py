@@ -9,22 +9,15 @@ reused from the store), as `interpflow resume` would. If that attempt never wrot
 before its run started), the spec simply runs, reusing whatever the store holds.
 
 The job's code is the client's checkout, shipped without its `.git`: the client passes its git commit and
-dirty flag in INTERPFLOW_CODE_COMMIT / INTERPFLOW_CODE_DIRTY, and the run records them (record `code`,
+dirty flag in INTERPFLOW_CODE_COMMIT / INTERPFLOW_CODE_DIRTY, and the run records them (the engine's
+`code_version` reads them) (record `code`,
 MLflow `code_commit` and `mlflow.source.git.commit`) instead of "unknown".
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-
-def _code_from_client() -> dict[str, str] | None:
-    commit = os.environ.get("INTERPFLOW_CODE_COMMIT")
-    if not commit:
-        return None
-    return {"commit": commit, "dirty": os.environ.get("INTERPFLOW_CODE_DIRTY", "unknown")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from interpflow.workflows.engine.store import Store
     from interpflow.workflows.spec import load_spec
 
-    code = _code_from_client()
-    if code is not None:
-        # api.run records `code_version()` of the package's folder, which here is the unpacked py_module
-        # (no git repository): record the client's checkout instead.
-        api.code_version = lambda path=None: dict(code)
     spec = load_spec(args.spec)
     origin = args.origin
     if origin and not RunRecord.exists(Store(spec.settings.resolved_store()), origin):

@@ -331,3 +331,13 @@ def test_a_killed_driver_loses_only_the_lineage_of_nodes_in_flight(tmp_path):
     assert killed["transform_shard"].info.status == "KILLED"
     assert killed["transform_shard"].data.tags["interpflow.status"] == "killed"
     assert killed["make_numbers"].info.status == "FINISHED"
+
+
+def test_code_version_takes_the_clients_commit_when_the_job_has_no_git(monkeypatch, tmp_path):
+    """A job on a cluster runs the client's checkout without `.git`: the commit the client passed wins."""
+    from interpflow.workflows.engine.lineage import code_version
+
+    assert code_version(tmp_path) == {"commit": "unknown", "dirty": "unknown"}  # no repository here
+    monkeypatch.setenv("INTERPFLOW_CODE_COMMIT", "0123abcd")
+    monkeypatch.setenv("INTERPFLOW_CODE_DIRTY", "false")
+    assert code_version(tmp_path) == {"commit": "0123abcd", "dirty": "false"}

@@ -98,7 +98,15 @@ def flatten(config: Any, prefix: str = "") -> dict[str, str]:
 
 
 def code_version(path: str | Path | None = None) -> dict[str, str]:
-    """The git commit and dirty flag of the checkout holding the package (or 'unknown')."""
+    """The git commit and dirty flag of the checkout holding the package (or 'unknown').
+
+    A job on a cluster runs the client's checkout shipped without its `.git`: `interpflow submit` passes
+    the client's commit and dirty flag in INTERPFLOW_CODE_COMMIT / INTERPFLOW_CODE_DIRTY, which win."""
+    import os
+
+    if os.environ.get("INTERPFLOW_CODE_COMMIT"):
+        return {"commit": os.environ["INTERPFLOW_CODE_COMMIT"],
+                "dirty": os.environ.get("INTERPFLOW_CODE_DIRTY", "unknown")}
     here = Path(path or Path(__file__).resolve().parents[2])
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
