@@ -233,13 +233,18 @@ def check_unprojected(grads: torch.Tensor, selection: ParamSelection, what: str)
 
 
 def lambda_stats(basis: KroneckerBasis, grads: torch.Tensor, selection: ParamSelection) -> LambdaStats:
-    """EK-FAC's eigenvalue-correction sums for per-example gradients (n, p) in ``selection``'s layout."""
+    """EK-FAC's eigenvalue-correction sums for per-example gradients (n, p) in ``selection``'s layout.
+
+    The rotation runs in the gradients' own precision (float32 as stored; float64 stays float64) and the
+    sums accumulate in float64: measured (``benchmarks/influence_scale.py``) float32 rotation is 2.2x
+    faster than float64 and moves EK-FAC scores by 3e-8 relative (Spearman 1.0), so float64 bought nothing."""
     check_unprojected(grads, selection, "ekfac lambda_stats")
-    per_param = selection.unflatten(grads.double())
+    dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    per_param = selection.unflatten(grads.to(dtype))
     out = {}
     for layer in basis.layers:
         k = layer.module
         g = layer_matrices(layer, per_param)
         rotated = basis.qs[k].T.to(g) @ g @ basis.qa[k].to(g)
-        out[k] = rotated.pow(2).sum(dim=0).cpu()
+        out[k] = rotated.pow(2).sum(dim=0, dtype=torch.float64).cpu()
     return LambdaStats(out, int(grads.shape[0]))
