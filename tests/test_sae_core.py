@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 from scipy.optimize import linprog
 
+from interpflow.tasks.sae.base import TOPK_FAMILY
 from interpflow.tasks.sae import (
     VARIANTS, ArchetypalSAE, BatchTopKSAE, DivergedError, JumpReLUSAE, RelaxedArchetypalSAE, SAEConfig,
     SAETrainConfig, SyntheticConfig, Variant, check_input, fit_candidates, lr_at, make_sae, make_synthetic,
@@ -22,7 +23,7 @@ ARCHETYPAL = ["archetypal", "relaxed_archetypal"]
 
 # the identifiability benchmark: settings shared by the table and the TopK threshold test
 SYNTH = SyntheticConfig(d=32, n_atoms=48, k=3, n=20000, noise_std=0.01, seed=0)
-BENCH_SAE = dict(d_in=32, n_latents=96, k=3, l1_coeff=0.03, l0_coeff=0.01, n_candidates=256, seed=0)
+BENCH_SAE = dict(d_in=32, n_latents=96, l1_coeff=0.03, l0_coeff=0.01, n_candidates=256, seed=0)   # k=3: topk family
 BENCH_TRAIN = dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=100, threads=1)
 
 
@@ -32,7 +33,8 @@ def _seeded():
 
 
 def small(variant: str, **kw) -> SAEConfig:
-    return SAEConfig(**{"variant": variant, "d_in": 16, "n_latents": 64, "k": 4, "n_candidates": 32, **kw})
+    k = {"k": 4} if variant in TOPK_FAMILY else {}              # relu and jumprelu refuse k
+    return SAEConfig(**{"variant": variant, "d_in": 16, "n_latents": 64, **k, "n_candidates": 32, **kw})
 
 
 def ready(variant: str, x: torch.Tensor | None = None, **kw):
@@ -53,7 +55,8 @@ def trained(synthetic):
     x, _, _ = synthetic
     out = {}
     for variant in VARIANTS:
-        cfg = SAETrainConfig(sae=SAEConfig(variant=variant, **BENCH_SAE), **BENCH_TRAIN)
+        k = {"k": 3} if variant in TOPK_FAMILY else {}
+        cfg = SAETrainConfig(sae=SAEConfig(variant=variant, **BENCH_SAE, **k), **BENCH_TRAIN)
         out[variant] = train_sae(cfg, x)
     return out
 
@@ -75,7 +78,14 @@ def test_config_errors_name_field_and_fix():
         SAEConfig(variant="topk", n_latents=64, k=64)
     with pytest.raises(ValidationError, match="k=80 must be smaller than n_latents=64"):
         SAEConfig(variant="relaxed_archetypal", n_latents=64, k=80)
-    SAEConfig(variant="relu", n_latents=64, k=64)               # k is not used by relu
+    # k would be accepted and ignored by the penalty variants (a sweep over k trains one model n times)
+    with pytest.raises(ValidationError, match=r"k=4 does not apply to variant='jumprelu'.*set by l0_coeff; remove k"):
+        SAEConfig(variant="jumprelu", k=4)
+    with pytest.raises(ValidationError, match=r"k=64 does not apply to variant='relu'.*set by l1_coeff"):
+        SAEConfig(variant="relu", n_latents=64, k=64)
+    assert SAEConfig(variant="jumprelu").k is None and SAEConfig(variant="topk").k == 8
+    again = SAEConfig(variant="jumprelu", l0_coeff=0.3)
+    assert SAEConfig(**again.model_dump()) == again             # a stored config loads back
     with pytest.raises(ValidationError, match="aux_k=100 must be at most n_latents=64"):
         SAEConfig(variant="topk", n_latents=64, aux_k=100)
     with pytest.raises(ValidationError, match="extra"):
@@ -84,6 +94,29 @@ def test_config_errors_name_field_and_fix():
         SAEConfig(variant="gated")
     with pytest.raises(ValidationError, match="init_rows=16 must be at least sae.n_candidates=32"):
         SAETrainConfig(sae=small("archetypal"), init_rows=16)
+
+
+def test_one_seed_decides_weights_kmeans_and_batch_order():
+    """`SAETrainConfig.seed` and `SAEConfig.seed` are one seed: setting either gives the same run, so
+    seeds 1 and 2 start from different dictionaries (else seed stability is inflated)."""
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(9))
+    for variant in ("topk", "archetypal"):
+        by_train = SAETrainConfig(sae=small(variant), seed=1, steps=8, batch_size=50, init_rows=100, threads=1)
+        by_sae = SAETrainConfig(sae=small(variant, seed=1), steps=8, batch_size=50, init_rows=100, threads=1)
+        assert by_train == by_sae and by_train.seed == by_train.sae.seed == 1
+        other = by_train.model_copy(update={"seed": 2})
+        assert other.sae.seed == 2 and other.seed == 2                    # model_copy routes it too
+        one, _ = train_sae(by_train, x)
+        same, _ = train_sae(by_sae, x)
+        two, _ = train_sae(other, x)
+        assert torch.equal(one.dictionary(), same.dictionary())
+        assert not torch.allclose(one.dictionary(), two.dictionary())
+        start_1, start_2 = make_sae(by_train.sae), make_sae(other.sae)   # the initial weights differ too
+        if variant == "archetypal":
+            start_1.init_from_data_(x)
+            start_2.init_from_data_(x)
+        assert not torch.allclose(start_1.dictionary(), start_2.dictionary())
+    assert "seed" not in SAETrainConfig().model_dump()                    # stored once, in sae
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -301,7 +334,7 @@ def test_continue_training_keeps_scale_and_counts():
     assert again is model and float(model.input_scale) == scale        # not re-normalised on new data
     assert int(model.rows_seen) == 2 * 30 * 100 and not torch.equal(model.W_dec, w)
     with pytest.raises(ValueError, match="different SAEConfig"):
-        train_sae(cfg.model_copy(update={"sae": small("jumprelu", k=5)}), x, model=model)
+        train_sae(cfg.model_copy(update={"sae": small("jumprelu", l0_coeff=0.5)}), x, model=model)
 
 
 def test_lr_schedule_warmup_then_decay():

@@ -51,7 +51,7 @@ class SaeStudy(ActivationSource):
         base = self.fit.train.sae.model_dump()
         out = {}
         for variant in self.sweep.variants:
-            for k in self.sweep.k if variant in TOPK_FAMILY else [base["k"]]:
+            for k in self.sweep.k if variant in TOPK_FAMILY else [None]:
                 try:
                     config = SAEConfig(**{**base, "variant": variant, "k": k})
                 except ValueError as exc:

@@ -36,6 +36,8 @@ from interpflow.tasks.types import Seed
 
 Variant = Literal["relu", "topk", "batchtopk", "jumprelu", "archetypal", "relaxed_archetypal"]
 TOPK_FAMILY = ("topk", "batchtopk", "archetypal", "relaxed_archetypal")   # variants that use `k`
+PENALTY_OF = {"relu": "l1_coeff", "jumprelu": "l0_coeff"}                 # what sets the others' sparsity
+DEFAULT_K = 8
 
 
 def check_sparsity(k: int | None, n_latents: int, aux_k: int | None) -> None:
@@ -53,8 +55,9 @@ class SAEConfig(BaseModel):
     variant: Variant = Field("topk", description="which SAE: " + ", ".join(Variant.__args__))
     d_in: int = Field(64, ge=1, description="activation width")
     n_latents: int = Field(256, ge=1, description="dictionary size (number of latents)")
-    k: int = Field(8, ge=1, description="active latents per row (topk, archetypal) or per row on "
-                                        "average across a batch (batchtopk)")
+    k: int | None = Field(None, ge=1, description="topk family only: active latents per row (topk, "
+                          "archetypal) or per row on average across a batch (batchtopk); default 8. relu and "
+                          "jumprelu refuse it (their L0 comes from l1_coeff / l0_coeff)")
     l1_coeff: float = Field(1e-2, ge=0, description="relu: weight of the L1 penalty sum_i |z_i| ||d_i||")
     jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the rectangle kernel "
                                                                "of the straight-through estimators")
@@ -69,18 +72,27 @@ class SAEConfig(BaseModel):
                                                 "in normalised units (E||x||^2 = d_in)")
     n_candidates: int = Field(256, ge=2, description="archetypal: candidate points (k-means centroids "
                                                      "of the data) whose convex hull holds the atoms")
-    seed: Seed = Field(0, description="seeds the initial weights and the k-means of the candidates")
+    seed: Seed = Field(0, description="seeds the initial weights and the k-means of the candidates; "
+                                      "SAETrainConfig uses the same seed for the batch order")
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:
-        check_sparsity(self.k if self.variant in TOPK_FAMILY else None, self.n_latents, self.aux_k)
+        if self.variant in TOPK_FAMILY:
+            if self.k is None:
+                self.k = DEFAULT_K
+        elif self.k is not None:
+            # a k that is accepted and ignored makes a sweep over k train one model several times
+            raise ValueError(f"k={self.k} does not apply to variant={self.variant!r}: its sparsity is set by "
+                             f"{PENALTY_OF[self.variant]}; remove k (or choose a variant of "
+                             f"{', '.join(TOPK_FAMILY)})")
+        check_sparsity(self.k, self.n_latents, self.aux_k)
         return self
 
     @property
     def aux_k_effective(self) -> int:
         if self.aux_k is not None:
             return self.aux_k
-        return min(self.n_latents, max(2 * self.k, self.d_in // 2))
+        return min(self.n_latents, max(2 * (self.k or DEFAULT_K), self.d_in // 2))
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -21,8 +21,10 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .fit import is_heldout
+from .arrays import load_rows
+from .fit import heldout_mask, is_heldout
 from .metrics import matched_cosine, pairwise_stability, recovery_report
+from .synthetic import SyntheticConfig, synthetic_activations
 from .train import SAETrainConfig, SAETrainer, train_sae
 from .universal import UniversalSAEConfig, UniversalTrainConfig, co_firing, cross_r2, train_universal
 
@@ -44,25 +46,70 @@ def _rows(activations, half: Literal["all", "a", "b"] = "all") -> tuple[torch.Te
 
 # ------------------------------------------------------------------------------------- identifiability
 
-def identify(cfg: SAETrainConfig, synthetic: dict) -> dict:
-    """Train one variant on synthetic rows; figures of how well it recovers the true dictionary."""
-    x, _ = _rows(synthetic["activations"])
-    model, _ = train_sae(cfg, x)
-    report = recovery_report(model, x, synthetic["dictionary"])
-    return {"summary": {"variant": cfg.sae.variant, **report}, "metrics": report}
+class IdentifiabilityData(SyntheticConfig):
+    """The generated rows (the fields of ``SyntheticConfig``), or a researcher's own ``.npz``."""
+
+    path: str | None = Field(None, description="a .npz of your own with arrays X (rows, d) and the true "
+                             "atoms (n_atoms, d); set, it replaces the generated data (d, n_atoms, k, n, "
+                             "coef_*, noise_std and seed then describe nothing and are not used)")
+
+
+def identifiability_data(cfg: IdentifiabilityData) -> dict:
+    """A graph node: the rows and their true dictionary, generated or read from ``cfg.path``."""
+    if cfg.path is None:
+        return synthetic_activations(cfg)
+    loaded = load_rows(cfg.path, with_atoms=True)
+    return {"activations": loaded["activations"], "dictionary": loaded["dictionary"]}
+
+
+class IdentifyRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: SAETrainConfig
+    holdout: float = Field(0.1, ge=0, lt=1, description="fraction of examples (by a hash of the id) kept out of "
+                                                        "training; fvu, mse and l0 are measured on them")
+
+
+def identify(cfg: IdentifyRun, synthetic: dict) -> dict:
+    """Train one variant with one seed on the training rows; how well it recovers the true dictionary,
+    and its reconstruction on held-out rows (``fvu``; ``train_fvu`` on the rows it was trained on)."""
+    x, ids = _rows(synthetic["activations"])
+    held = heldout_mask(ids, cfg.holdout) if cfg.holdout > 0 else np.zeros(len(ids), dtype=bool)
+    if held.all() or (cfg.holdout > 0 and not held.any()):
+        raise ValueError(f"holdout={cfg.holdout} leaves {'no training' if held.all() else 'no held-out'} rows "
+                         f"of {len(ids)}; change identifiability.holdout or bring more rows")
+    train_x = x[torch.from_numpy(~held)]
+    test_x = x[torch.from_numpy(held)] if held.any() else train_x
+    model, _ = train_sae(cfg.train, train_x)
+    report = recovery_report(model, test_x, synthetic["dictionary"])
+    report["train_fvu"] = model.metrics(train_x)["fvu"]
+    report["heldout_rows"] = int(held.sum())
+    summary = {"variant": cfg.train.sae.variant, "seed": cfg.train.seed, **report}
+    return {"summary": summary, "metrics": report}
 
 
 class IdentifiabilityCheck(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    min_topk_matched_cosine: float = Field(0.9, description="TopK must recover the true dictionary this well")
+    min_topk_matched_cosine: float = Field(0.9, description="TopK must recover the true dictionary this well "
+                                                            "with every seed")
 
 
 def identifiability_table(cfg: IdentifiabilityCheck, **summaries: dict) -> dict:
-    rows = [summaries[k] for k in sorted(summaries)]
-    topk = next((r["matched_cosine"] for r in rows if r["variant"] == "topk"), math.nan)
-    return {"table": pa.Table.from_pylist(rows),
+    """One row per variant (means over its seeds, and the worst seed's matched cosine) and one per run."""
+    runs = [summaries[k] for k in sorted(summaries)]
+    rows = []
+    for variant in sorted({r["variant"] for r in runs}):
+        mine = [r for r in runs if r["variant"] == variant]
+        cos = [r["matched_cosine"] for r in mine]
+        rows.append({"variant": variant, "seeds": len(mine), "matched_cosine": float(np.mean(cos)),
+                     "matched_cosine_std": float(np.std(cos)), "worst_seed_matched_cosine": float(min(cos)),
+                     **{m: float(np.mean([r[m] for r in mine]))
+                        for m in ("min_matched_cosine", "recovered_frac", "fvu", "train_fvu", "mse", "l0",
+                                  "dead_frac", "dense_frac")}})
+    topk = next((r["worst_seed_matched_cosine"] for r in rows if r["variant"] == "topk"), math.nan)
+    return {"table": pa.Table.from_pylist(rows), "runs": pa.Table.from_pylist(runs),
             "metrics": {"topk_matched_cosine": topk, "ground_truth_ok": float(topk >= cfg.min_topk_matched_cosine),
-                        **{f"{r['variant']}.matched_cosine": r["matched_cosine"] for r in rows}}}
+                        **{f"{r['variant']}.matched_cosine": r["matched_cosine"] for r in rows},
+                        **{f"{r['variant']}.heldout_fvu": r["fvu"] for r in rows}}}
 
 
 # ------------------------------------------------------------------------------------------ stability
@@ -75,9 +122,30 @@ class StabilityRun(BaseModel):
     id_column: str = "id"
 
 
+class StabilityData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="a .npz of your own with X (rows, d) and optionally ids (rows,: the "
+                                       "example of each row, for the halves) and labels (rows,: for plausibility)")
+
+
+def stability_data(cfg: StabilityData) -> dict:
+    """A graph node: a researcher's rows as the stability runs take them (activations, and data with
+    id and, when given, label)."""
+    return load_rows(cfg.path)
+
+
+def _column(data, name: str) -> list:
+    """A column as a list, from a datasets.Dataset, a pyarrow table or a stored (pyarrow) dataset."""
+    if hasattr(data, "to_table"):
+        return data.to_table(columns=[name]).column(name).to_pylist()
+    if isinstance(data, pa.Table):
+        return data.column(name).to_pylist()
+    return list(data[name])
+
+
 def class_directions(x: torch.Tensor, ids: np.ndarray, data, label_column: str, id_column: str) -> np.ndarray:
     """Unit class-mean directions (class mean minus overall mean) of rows x labelled through their example."""
-    labels_of = dict(zip(data[id_column], data[label_column]))
+    labels_of = dict(zip(_column(data, id_column), _column(data, label_column)))
     labels = np.array([labels_of[i] for i in ids.tolist()])
     xs = x.double().numpy()
     overall = xs.mean(0)

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import SAEConfig, SparseAutoencoder, check_input, make_sae
 
-from interpflow.tasks.types import Seed
 
 
 class Schedule(BaseModel):
@@ -41,13 +40,50 @@ class Schedule(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient L2 norm; None = no clipping")
 
 
-class SAETrainConfig(Schedule):
+class OneSeed(BaseModel):
+    """A training config whose one seed is its model config's ``sae.seed``: the initial weights, the
+    archetypal k-means, the init-row sample and the batch order all follow it. Two seeds (one for the
+    weights, one for the data order) let a user who set "the seed" train every run from the same
+    dictionary, which inflates seed stability; so ``seed`` here is only a way to write ``sae.seed``:
+    given, it is written into ``sae`` (``SAETrainConfig(seed=3)``, ``cfg.model_copy(update={"seed": 3})``,
+    ``fit.train.seed=3`` on the command line), and read back as ``cfg.seed``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_into_sae(cls, data):
+        if isinstance(data, dict) and "seed" in data:
+            data = dict(data)
+            seed = data.pop("seed")
+            sae = data.get("sae")
+            if isinstance(sae, BaseModel):
+                sae = sae.model_dump()
+            elif sae is None:
+                sae = {}
+            elif not isinstance(sae, dict):
+                return data                               # pydantic reports the bad `sae`
+            data["sae"] = {**sae, "seed": seed}
+        return data
+
+    @property
+    def seed(self) -> int:
+        """The run's one seed (= ``sae.seed``)."""
+        return self.sae.seed
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False):
+        if update and "seed" in update:
+            update = dict(update)
+            seed = update.pop("seed")
+            sae = update.get("sae", self.sae)
+            update["sae"] = type(sae).model_validate({**sae.model_dump(), "seed": seed})
+        return super().model_copy(update=update, deep=deep)
+
+
+class SAETrainConfig(OneSeed, Schedule):
     sae: SAEConfig = Field(default_factory=SAEConfig)
     batch_size: int = Field(256, ge=1, description="rows per step when x is a tensor")
     normalize: Literal["scale", "none"] = Field("scale", description="scale: E||x||^2 = d_in; none: raw")
     init_rows: int = Field(16384, ge=1, description="rows used for input scale and data-dependent init")
     log_every: int = Field(100, ge=1, description="history record every this many steps (and the last)")
-    seed: Seed = Field(0, description="seeds batch order and init-row sampling")
     device: str = Field("cpu", description="torch device the model trains on")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while training (restored "
                                                         "after); 1 is fastest for small SAEs on CPU")

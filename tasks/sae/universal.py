@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .base import check_input, check_sparsity
-from .train import DivergedError, Schedule, lr_at
+from .train import DivergedError, OneSeed, Schedule, lr_at
 
 from interpflow.tasks.types import Seed
 
@@ -71,7 +71,8 @@ class UniversalSAEConfig(BaseModel):
     aux_coeff: float = Field(1 / 32, ge=0, description="weight of the AuxK loss (0 disables it)")
     dead_steps: int = Field(200, ge=1, description="a latent that fired for no source in this many "
                                                    "training steps counts as dead (AuxK)")
-    seed: Seed = Field(0, description="seeds the initial weights")
+    seed: Seed = Field(0, description="seeds the initial weights; UniversalTrainConfig uses the same seed "
+                                      "for the batch order, init rows and source draws")
 
     @model_validator(mode="after")
     def _check(self) -> UniversalSAEConfig:
@@ -305,7 +306,7 @@ class UniversalSAE(nn.Module):
 
 # --------------------------------------------------------------------------------------- training
 
-class UniversalTrainConfig(Schedule):
+class UniversalTrainConfig(OneSeed, Schedule):
     """How ``train_universal`` trains: the shared ``Schedule`` (``lr_at``) plus data and init choices."""
 
     model_config = ConfigDict(extra="forbid")
@@ -320,7 +321,6 @@ class UniversalTrainConfig(Schedule):
                               "random: independent random atoms per model")
     init_rows: int = Field(16384, ge=1, description="rows used to estimate the input scales and to initialise")
     log_every: int = Field(100, ge=1, description="history record every this many steps (and the last)")
-    seed: Seed = Field(0, description="seeds batch order, init-row sampling and source draws")
     device: str = Field("cpu", description="torch device the model trains on")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads while training (restored after)")
 
