@@ -129,7 +129,8 @@ def extract_shard(cfg: ExtractConfig, shard, model, data) -> dict:
     outputs: dict = {}
     for site in sites:
         table = pa.Table.from_batches(per_site[site.name])
-        outputs[site.name] = table.replace_schema_metadata({"dtype": cfg.dtype, "site": site.name})
+        outputs[site.name] = table.replace_schema_metadata(  # canonical name; the spelling asked for kept beside
+            {"dtype": cfg.dtype, "site": site.name, "requested_site": site.alias or site.name})
     outputs["metrics"] = {"tokens": tokens, "examples": len(texts), "truncated": truncated,
                           "rows_per_site": outputs[sites[0].name].num_rows,
                           "compute_s": time.perf_counter() - started}

@@ -12,13 +12,27 @@ TimeSformer):
 
 Any other name is taken as a raw module path from `model.named_modules()` (its output is captured).
 Capturing stops the forward pass once the last requested site is reached.
+
+TransformerLens hook names are accepted as aliases (``tl_alias`` gives the other direction):
+
+    hook_embed, blocks.0.hook_resid_pre  -> embed     (TL's hook_embed is the token embedding alone;
+                                                       for GPT-2 the block input here adds positions)
+    blocks.3.hook_resid_pre              -> blocks.2.resid_post
+    blocks.3.hook_resid_post             -> blocks.3.resid_post
+    blocks.3.hook_attn_out               -> blocks.3.attn_out
+    blocks.3.hook_mlp_out                -> blocks.3.mlp_out
+    blocks.3.attn.hook_z.5 (or [5])      -> blocks.3.attn.head.5   (hook_z needs a head index)
+    ln_final.hook_normalized             -> final_norm
+
+A resolved ``Site`` always carries the canonical name (what stored rows and outputs are named by)
+and, in ``alias``, the spelling that was asked for.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,21 +54,63 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "timesformer": {"blocks": ("encoder.layer",), "attn_proj": "attention.output.dense", "mlp": "output.dense"},
 }
 
+class UnknownSite(ValueError):
+    pass
+
+
 _BLOCK_SITE = re.compile(r"^blocks\.(\d+)\.(resid_post|attn_out|mlp_out|attn\.head\.(\d+))$")
+_TL_BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|"
+                       r"attn\.hook_z(?:\.(\d+)|\[(\d+)\])?)$")
+_TL_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final_norm"}
+_TL_KIND = {"hook_resid_post": "resid_post", "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out"}
+
+
+def canonical_name(name: str) -> str:
+    """The project's name for a TransformerLens hook name (any other name is returned unchanged)."""
+    if name in _TL_GLOBAL:
+        return _TL_GLOBAL[name]
+    match = _TL_BLOCK.match(name)
+    if not match:
+        return name
+    i, kind = int(match.group(1)), match.group(2)
+    if kind == "hook_resid_pre":
+        return "embed" if i == 0 else f"blocks.{i - 1}.resid_post"
+    if kind in _TL_KIND:
+        return f"blocks.{i}.{_TL_KIND[kind]}"
+    head = match.group(3) or match.group(4)
+    if head is None:
+        raise UnknownSite(f"site '{name}': hook_z holds every head; name one head as blocks.{i}.attn.hook_z.H "
+                          f"(= blocks.{i}.attn.head.H)")
+    return f"blocks.{i}.attn.head.{int(head)}"
+
+
+def tl_alias(name: str) -> str | None:
+    """The TransformerLens hook name of a canonical site name (None for raw module paths)."""
+    if name == "embed":
+        return "hook_embed"
+    if name == "final_norm":
+        return "ln_final.hook_normalized"
+    match = _BLOCK_SITE.match(name)
+    if not match:
+        return None
+    i, kind = match.group(1), match.group(2)
+    if match.group(3) is not None:
+        return f"blocks.{i}.attn.hook_z.{match.group(3)}"
+    return f"blocks.{i}.hook_{kind}"
 
 
 def depth_order(name: str) -> tuple:
     """Sort key putting site names in model order: embed, blocks by index, final_norm, raw paths."""
+    try:
+        name = canonical_name(name)
+    except UnknownSite:
+        pass
     if name == "embed":
         return (-1, 0, name)
     match = _BLOCK_SITE.match(name)
     if match:
         return (int(match.group(1)), 1, name)
     return (10**6, 0, name) if name == "final_norm" else (10**6 + 1, 0, name)
-
-
-class UnknownSite(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -66,6 +122,7 @@ class Site:
     side: str  # "output" | "input"
     block: int  # depth order used to stop the forward pass early (-1 before the blocks)
     head: int | None = None
+    alias: str | None = None  # the spelling asked for, when it was not `name` (a TransformerLens hook name)
 
 
 def _find_blocks(model: nn.Module, arch: dict | None, n_layers: int | None) -> tuple[str, nn.ModuleList]:
@@ -114,6 +171,17 @@ class SiteMap:
         return names
 
     def resolve(self, name: str) -> Site:
+        """The site called `name` (a project name, a TransformerLens hook name or a raw module path)."""
+        canonical = canonical_name(name)
+        if canonical == name:
+            return self._resolve(name)
+        try:
+            site = self._resolve(canonical)
+        except UnknownSite as exc:
+            raise UnknownSite(f"site '{name}' (the TransformerLens name of '{canonical}'): {exc}") from None
+        return replace(site, alias=name)
+
+    def _resolve(self, name: str) -> Site:
         if name == "embed" and self.blocks_path:
             return Site(name, f"{self.blocks_path}.0", "input", -1)
         if name == "final_norm" and self.final_norm:
@@ -136,16 +204,19 @@ class SiteMap:
                 return Site(name, f"{block}.{self.arch['mlp']}", "output", i)
             head = int(match.group(3))
             if head >= (self.n_heads or 0):
-                raise UnknownSite(f"site '{name}': the model has {self.n_heads} heads per block")
+                raise UnknownSite(f"site '{name}': the model has {self.n_heads} heads per block "
+                                  f"(0..{(self.n_heads or 1) - 1})")
             return Site(name, f"{block}.{self.arch['attn_proj']}", "input", i, head)
         if name in self.modules and name:
             depth = self._depth_of(name)
             return Site(name, name, "output", depth)
-        examples = ", ".join(self.names()[:8])
+        examples = ", ".join(f"{n} ({tl_alias(n)})" for n in self.names()[:6])
         raise UnknownSite(f"unknown site '{name}' for {self.model_type or type(self.model).__name__}. "
-                          f"Valid sites: {examples}, ... ({len(self.names())} in all: blocks.I.resid_post, "
-                          f"blocks.I.attn_out, blocks.I.mlp_out, blocks.I.attn.head.H for I < {self.n_blocks}), "
-                          "or a raw module path such as "
+                          f"Valid sites, each with its TransformerLens name: {examples}, ... "
+                          f"({len(self.names())} in all: blocks.I.resid_post (blocks.I.hook_resid_post), "
+                          f"blocks.I.attn_out (blocks.I.hook_attn_out), blocks.I.mlp_out (blocks.I.hook_mlp_out), "
+                          f"blocks.I.attn.head.H (blocks.I.attn.hook_z.H) for I < {self.n_blocks}; "
+                          f"blocks.I.hook_resid_pre is blocks.I-1.resid_post), or a raw module path such as "
                           f"'{next((n for n in self.modules if n), '')}'")
 
     def _depth_of(self, module_path: str) -> int:
