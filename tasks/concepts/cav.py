@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from interpflow.tasks.sae.vectors import vector_card
 from interpflow.tasks.types import Seed
 
 
@@ -89,7 +90,15 @@ def fit_layer_cavs(cfg: CavConfig, ids, pooled, concepts) -> dict:
     table = pa.Table.from_pylist(rows, schema=pa.schema([("concept", pa.string()), ("repeat", pa.int64()),
                                                           ("accuracy", pa.float64())]))
     concept_acc = [r["accuracy"] for r in rows if r["concept"] != "random"]
+    # each concept's direction (mean of its repeats' unit CAVs) as an open vectors file and its card
+    site = f"blocks.{cfg.layer}.resid_post"
+    directions = {name: torch.from_numpy(cavs[c].mean(0)) for c, name in enumerate(names)}
+    card = vector_card(directions, kind="cav", name=f"layer {cfg.layer}", sites={n: site for n in names},
+                       fitted={"method": "L2-regularised logistic regression on standardised features, concept "
+                                         "segments vs random segments; mean of the repeats' unit normals",
+                               **cfg.model_dump(mode="json")}) if names else {}
     return {"cavs": cavs, "random_cavs": random_cavs, "names": {"concepts": names}, "fits": table,
+            **({"directions": directions, "card": card} if names else {}),
             "metrics": {"concepts": float(len(names)),
                         "cav_accuracy": float(np.mean(concept_acc)) if concept_acc else 0.0,
                         "random_cav_accuracy": float(np.mean([r["accuracy"] for r in rows

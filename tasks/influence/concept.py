@@ -69,24 +69,15 @@ class VectorFile(BaseModel):
     """A concept direction given as a file (an SAE feature's atom, a steering vector, ...)."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(..., description="safetensors file with a 1-D tensor named 'direction'")
+    path: str = Field(..., description="safetensors file with one 1-D tensor (or one named 'direction')")
 
 
 def read_direction(path: str) -> torch.Tensor:
-    """The unit 'direction' vector of a safetensors file; ValueError says what is wrong with it."""
-    from safetensors.torch import load_file
+    """The unit direction of a vectors file (its 'direction' tensor or its one tensor, as
+    ``tasks.sae.vectors`` writes persona vectors, CAVs and SAE latents); ValueError says what is wrong."""
+    from interpflow.tasks.sae.vectors import one_direction
 
-    try:
-        tensors = load_file(path)
-    except Exception as exc:  # missing file, not safetensors
-        raise ValueError(f"concept_vector.path: cannot read {path!r} as safetensors ({exc})") from None
-    if "direction" not in tensors or tensors["direction"].ndim != 1:
-        raise ValueError(f"concept_vector.path: {path!r} needs a 1-D tensor named 'direction' "
-                         f"(found {sorted(tensors)})")
-    v = tensors["direction"].double()
-    if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0:
-        raise ValueError(f"concept_vector.path: the direction in {path!r} is zero or has NaN/Inf entries")
-    return v / v.norm()
+    return one_direction(path, "concept_vector.path")
 
 
 def given_concept(cfg: VectorFile) -> dict:

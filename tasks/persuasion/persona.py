@@ -9,6 +9,7 @@ contrastive prompts (even and odd prompt indices), compared by cosine.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from interpflow.tasks.persuasion.evaluators import EvaluatorConfig, make_evaluator
 from interpflow.tasks.persuasion.steering import layer_site
 from interpflow.tasks.persuasion.world import Trait, opener
+from interpflow.tasks.sae.vectors import read_vectors as read_open_vectors, vector_card
 from interpflow.tasks.sites import capture
 from interpflow.tasks.study.chat import format_prompt, generate_replies
 from interpflow.tasks.types import Seed
@@ -101,7 +103,10 @@ def trait_response_shard(cfg: PersonaConfig, shard, model, statements) -> dict:
         rows.append({"id": item, "side": side, "prompt_index": int(k), "statement_id": statement_id, "reply": reply,
                      "judge": verdict.value, "kept": bool(shows == (side == "positive")),
                      **{f"layer_{layer}": acts[layer].astype(np.float32).tolist() for layer in cfg.layers}})
-    table = pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(rows)     # the model the activations came from, for the vectors' card
+    table = table.replace_schema_metadata({"model": json.dumps({"source": str(getattr(model, "source", "")),
+                                                                **dict(getattr(model, "identity", {}) or {})},
+                                                               sort_keys=True, default=str)})
     return {"responses": table, "metrics": {"responses": len(rows), "kept": int(sum(r["kept"] for r in rows)),
                                             "compute_s": time.perf_counter() - started}}
 
@@ -143,14 +148,23 @@ def persona_vector(cfg: PersonaConfig, responses) -> dict:
         summary["layers"][str(layer)] = {"norm": float(np.linalg.norm(v)), "halves_cosine": halves}
         metrics[f"layer_{layer}.norm"] = float(np.linalg.norm(v))
         metrics[f"layer_{layer}.halves_cosine"] = halves
-    return {"vectors": vectors, "summary": summary, "metrics": metrics}
+    card = vector_card(vectors, kind="persona_vector", name=cfg.trait.name, model=_model_of(table),
+                       fitted={"method": "difference of the mean response-token activations, kept positive minus "
+                                         "kept negative answers", "judge": cfg.judge.model_dump(mode="json"),
+                               "questions": cfg.n_questions, "seed": cfg.seed, **counts})
+    return {"vectors": vectors, "card": card, "summary": summary, "metrics": metrics}
+
+
+def _model_of(table) -> dict:
+    meta = (table.schema.metadata or {}).get(b"model")
+    return json.loads(meta) if meta else {}
 
 
 def read_vectors(path: str) -> dict[str, np.ndarray]:
-    """A persona-vector file: safetensors with one 1-D tensor per steered site (``blocks.L.resid_post``)."""
-    from safetensors.numpy import load_file
-
-    return {k: np.asarray(v).reshape(-1) for k, v in load_file(path).items()}
+    """A persona-vector file: safetensors with one 1-D tensor per steered site, keyed by the project's
+    name (``blocks.L.resid_post``) or its TransformerLens name (``blocks.L.hook_resid_post``); the
+    ``vectors.safetensors`` of a persona node, or a file ``tasks.sae.vectors.write_vectors`` wrote."""
+    return {k: v.numpy() for k, v in read_open_vectors(path, "persona_vectors").items()}
 
 
 class VectorFile(BaseModel):
