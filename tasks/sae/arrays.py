@@ -19,6 +19,11 @@ import torch
 from .synthetic import as_activations
 
 
+def absolute(value: str | None) -> str | None:
+    """A data path as an absolute one: the node that reads it may run where the working directory differs."""
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
 def npz_shapes(path: str | Path, field: str) -> dict[str, tuple[int, ...]]:
     """{array name: shape} of an ``.npz`` file, from its headers only. ``field`` names the config field
     in error messages (e.g. ``identifiability.data.path``)."""

@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .arrays import load_rows
+from .arrays import absolute, load_rows
 from .fit import heldout_mask, is_heldout
 from .metrics import matched_cosine, pairwise_stability, recovery_report
 from .synthetic import SyntheticConfig, synthetic_activations
@@ -52,6 +52,11 @@ class IdentifiabilityData(SyntheticConfig):
     path: str | None = Field(None, description="a .npz of your own with arrays X (rows, d) and the true "
                              "atoms (n_atoms, d); set, it replaces the generated data (d, n_atoms, k, n, "
                              "coef_*, noise_std and seed then describe nothing and are not used)")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute(value)
 
 
 def identifiability_data(cfg: IdentifiabilityData) -> dict:
@@ -126,6 +131,11 @@ class StabilityData(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(..., description="a .npz of your own with X (rows, d) and optionally ids (rows,: the "
                                        "example of each row, for the halves) and labels (rows,: for plausibility)")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute(value)
 
 
 def stability_data(cfg: StabilityData) -> dict:
