@@ -2,7 +2,8 @@
 each the same way (reconstruction, sparsity, CE loss recovered with the SAE spliced into the model),
 and plot the L0-FVU frontier. Every trained SAE is also written as a SAELens folder (`sae_saelens.<label>`:
 cfg.json + sae_weights.safetensors + sparsity.safetensors; the project's own layout for archetypal
-variants), and `sae.path=FOLDER` evaluates a SAELens folder from elsewhere instead of training.
+variants), and `sae.path=FOLDER` evaluates a SAELens folder from elsewhere instead of training. Each
+SAE gets a latent browser (`sae_browser.<label>/browser/index.html`): one static page, no server.
 
 By default it runs on the generated corpus and the tiny LM (ground truth: the planted marker token
 gets a latent of its own, and every SAE recovers most of the CE loss); `model` and `dataset` take any
@@ -17,7 +18,7 @@ from interpflow.tasks import activations
 from interpflow.tasks.sae import SAEConfig, Variant
 from interpflow.tasks.sae.base import TOPK_FAMILY
 from interpflow.tasks.sae import evaluate as sae_eval
-from interpflow.tasks.sae import saelens
+from interpflow.tasks.sae import browser as latent_browser, saelens
 from interpflow.tasks.sae.fit import SAEFitConfig, fit
 from interpflow.workflows.engine import Graph, node, sharded, trained
 from interpflow.workflows.engine.keys import directory_digest
@@ -40,6 +41,9 @@ class SaeStudy(ActivationSource):
     eval: sae_eval.SAEEvalConfig = Field(sae_eval.SAEEvalConfig(), description=(
         "site, holdout, text/id columns and max_length are taken from extract and fit"))
     eval_shards: int = Field(4, ge=1, le=100_000, description="shards of held-out examples for evaluation")
+    browser: latent_browser.BrowserConfig = Field(latent_browser.BrowserConfig(), description=(
+        "the latent browser page (sae_browser.<label>/browser/index.html); holdout, columns and the "
+        "marker token are taken from fit, extract and eval"))
     frontier: sae_eval.FrontierConfig = sae_eval.FrontierConfig()
     sae: saelens.SaeFolder | None = Field(None, description="evaluate this SAE folder (SAELens layout, e.g. "
                                           "sae.path=./my_sae) instead of training the sweep")
@@ -73,6 +77,9 @@ def sae_graph(cfg: SaeStudy) -> Graph:
         "id_column": cfg.extract.id_column, "max_length": cfg.extract.max_length})
     training = Training(num_workers=cfg.fit.num_workers, use_gpu=cfg.fit.use_gpu)
     export_cfg = saelens.ExportConfig(site=cfg.extract.sites[0], model_name=cfg.model.path if cfg.model else "tiny_lm")
+    browser_cfg = cfg.browser.model_copy(update={
+        "holdout": cfg.fit.holdout, "id_column": cfg.extract.id_column, "text_column": cfg.extract.text_column,
+        "concept_token": cfg.eval.concept_token})
     saes = {}
     if cfg.sae is not None:                 # a folder from elsewhere: evaluated like a trained one
         saes["given"] = node(saelens.given_sae, cfg.sae, name="sae.given",
@@ -85,6 +92,9 @@ def sae_graph(cfg: SaeStudy) -> Graph:
     for label, sae in saes.items():
         if cfg.sae is None:                  # beside the project's files: the SAELens folder (own layout if none)
             exported.append(node(saelens.export, export_cfg, name=f"sae_saelens.{label}", sae=sae))
+        exported.append(node(latent_browser.browser, browser_cfg.model_copy(update={"label": label}),
+                             name=f"sae_browser.{label}", sae=sae, activations=src.activations, data=src.data,
+                             model=src.model))
         evaluated = sharded(sae_eval.evaluate_shard, eval_cfg, ids=sae_eval.eval_ids, num_shards=cfg.eval_shards,
                             name=f"sae_eval.{label}", actors=cfg.model_pool(), model=src.model, sae=sae,
                             data=src.data)
