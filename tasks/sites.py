@@ -33,10 +33,11 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads with a model, not when a graph naming sites is built
+    import torch
+    from torch import nn
 
 # Per architecture: where the blocks are, and, relative to a block, the attention output projection
 # (its input holds the per-head outputs), the MLP output module and the final norm.
@@ -126,6 +127,8 @@ class Site:
 
 
 def _find_blocks(model: nn.Module, arch: dict | None, n_layers: int | None) -> tuple[str, nn.ModuleList]:
+    from torch import nn
+
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     if arch:
         for name, m in lists:
@@ -210,13 +213,15 @@ class SiteMap:
         if name in self.modules and name:
             depth = self._depth_of(name)
             return Site(name, name, "output", depth)
-        examples = ", ".join(f"{n} ({tl_alias(n)})" for n in self.names()[:6])
+        names = self.names()
+        examples = ", ".join(names[:8])
+        tl_examples = ", ".join(str(tl_alias(n)) for n in names[:8])
         raise UnknownSite(f"unknown site '{name}' for {self.model_type or type(self.model).__name__}. "
-                          f"Valid sites, each with its TransformerLens name: {examples}, ... "
-                          f"({len(self.names())} in all: blocks.I.resid_post (blocks.I.hook_resid_post), "
-                          f"blocks.I.attn_out (blocks.I.hook_attn_out), blocks.I.mlp_out (blocks.I.hook_mlp_out), "
-                          f"blocks.I.attn.head.H (blocks.I.attn.hook_z.H) for I < {self.n_blocks}; "
-                          f"blocks.I.hook_resid_pre is blocks.I-1.resid_post), or a raw module path such as "
+                          f"Valid sites: {examples}, ... ({len(names)} in all: blocks.I.resid_post, "
+                          f"blocks.I.attn_out, blocks.I.mlp_out, blocks.I.attn.head.H for I < {self.n_blocks}); "
+                          f"the same by their TransformerLens names: {tl_examples}, ... (blocks.I.hook_resid_post, "
+                          f"blocks.I.hook_attn_out, blocks.I.hook_mlp_out, blocks.I.attn.hook_z.H; "
+                          f"blocks.I.hook_resid_pre is blocks.I-1.resid_post); or a raw module path such as "
                           f"'{next((n for n in self.modules if n), '')}'")
 
     def _depth_of(self, module_path: str) -> int:
@@ -250,6 +255,8 @@ class _StopForward(Exception):
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
@@ -267,6 +274,8 @@ def capture(model: nn.Module, sites: list[Site], n_heads: int | None = None, sto
 
     With `stop_early`, the forward pass ends once the deepest requested site is captured.
     """
+    import torch
+
     captured: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     last = max(sites, key=lambda s: s.block)
@@ -317,6 +326,8 @@ def capture(model: nn.Module, sites: list[Site], n_heads: int | None = None, sto
 
 
 def _replace_first_tensor(value: Any, new: torch.Tensor) -> Any:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return new
     if isinstance(value, tuple):
