@@ -4,6 +4,7 @@ resume, data-parallel workers, and input errors before compute (issue #5)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,6 +48,28 @@ def test_sweep_trains_evaluates_and_checks_ground_truth(settings):
     assert [a.path for a in client.list_artifacts(report_run, "figures")] == ["figures/latent_density.png"]
     frontier_run = handle.nodes()["sae_frontier"]["mlflow_run_id"]
     assert [a.path for a in client.list_artifacts(frontier_run, "figures")] == ["figures/frontier.png"]
+
+    # beside the project's files: a SAELens folder the real package loads (own layout for RA-SAE)
+    import torch
+
+    from interpflow.tasks.sae.fit import load_sae
+    from interpflow.tasks.sae.saelens import load_folder, read_cfg
+
+    sae_lens = pytest.importorskip("sae_lens")
+    folder = handle.outputs("sae_saelens.topk-k8", "saelens")
+    ours = load_sae(handle.outputs("sae.topk-k8"))
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        assert torch.allclose(sae_lens.SAE.load_from_disk(folder)(x), ours(x)[0], atol=1e-4)
+    assert read_cfg(folder)["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    page = (Path(handle.outputs("sae_browser.topk-k8", "browser")) / "index.html").read_text()   # latent browser
+    assert "top-activating contexts" in page and '"marker": "zorp"' in page
+    assert handle.metrics("sae_browser.topk-k8")["browser_best_marker_f1"] >= 0.5
+    ra = handle.outputs("sae_saelens.relaxed_archetypal-k8", "saelens")
+    assert read_cfg(ra)["architecture"] == "interpflow.relaxed_archetypal"
+    with torch.no_grad():
+        ra_model = load_sae(handle.outputs("sae.relaxed_archetypal-k8"))
+        assert torch.allclose(load_folder(ra)(x)[0], ra_model(x)[0], atol=1e-5)
 
 
 def _small_spec(path, store, steps: int, **fit):

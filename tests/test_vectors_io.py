@@ -27,7 +27,8 @@ def test_vectors_file_and_card_round_trip(tmp_path):
                          name="persuasive", model={"source": "tiny", "digest": "abc123"},
                          fitted={"method": "mean difference"})
     tensors = load_file(str(path))                                   # one call, canonical names
-    assert set(tensors) == {"blocks.2.resid_post", "blocks.1.resid_post"} and torch.equal(tensors["blocks.2.resid_post"], v)
+    assert set(tensors) == {"blocks.2.resid_post", "blocks.1.resid_post"}
+    assert torch.equal(tensors["blocks.2.resid_post"], v)
     beside = json.loads((tmp_path / "steer.json").read_text())
     assert beside == card == read_card(path)
     entry = beside["vectors"]["blocks.2.resid_post"]
@@ -60,14 +61,16 @@ def test_persona_node_writes_a_card_and_reads_either_spelling(tmp_path):
     rows = [{"id": f"{side}:{k}:s{q}", "side": side, "prompt_index": k, "statement_id": f"s{q}", "reply": "",
              "judge": 80.0, "kept": True, "layer_2": (rng.normal(size=8) + (1 if side == "positive" else 0)).tolist()}
             for side in ("positive", "negative") for k in range(4) for q in range(3)]
-    table = pa.Table.from_pylist(rows).replace_schema_metadata({"model": json.dumps({"source": "tiny", "digest": "d1"})})
+    model = json.dumps({"source": "tiny", "digest": "d1"})
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"model": model})
     trait = Trait(name="warm", description="warm", positive_prompts=["be warm"] * 4, negative_prompts=["be cold"] * 4,
                   markers=["warm"])
     out = persona.persona_vector(persona.PersonaConfig(trait=trait, layers=[2]), table)
     card = out["card"]
     assert card["kind"] == "persona_vector" and card["name"] == "warm" and card["model"]["digest"] == "d1"
     assert card["vectors"]["blocks.2.resid_post"]["transformer_lens"] == "blocks.2.hook_resid_post"
-    assert card["vectors"]["blocks.2.resid_post"]["norm"] == pytest.approx(float(out["vectors"]["blocks.2.resid_post"].norm()))
+    norm = float(out["vectors"]["blocks.2.resid_post"].norm())
+    assert card["vectors"]["blocks.2.resid_post"]["norm"] == pytest.approx(norm)
     assert card["fitted"]["kept_positive"] == 12
     # a file keyed by TransformerLens names is a valid persona_vectors.<trait> input
     write_vectors(tmp_path / "warm.safetensors", {"blocks.2.hook_resid_post": out["vectors"]["blocks.2.resid_post"]},

@@ -211,7 +211,8 @@ def browser(cfg: BrowserConfig, sae: dict, activations, data, model) -> dict:
         raise ValueError(f"no example is held out (holdout={cfg.holdout}); the browser shows held-out tokens only")
     if not isinstance(activations, pads.Dataset):
         activations = pads.dataset(activations)
-    table = activations.to_table(filter=pc.field("id").isin(ids)).sort_by([("id", "ascending"), ("position", "ascending")])
+    table = activations.to_table(filter=pc.field("id").isin(ids))
+    table = table.sort_by([("id", "ascending"), ("position", "ascending")])
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     unembed = vocab = None
     try:
