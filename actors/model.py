@@ -7,10 +7,12 @@ with `num_gpus`; with 0 the same code runs on the CPU.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads in the actor, not in a driver that only builds the graph
+    import torch
 
 from interpflow.actors.pool import PoolWorker
 from interpflow.tasks.models import LoadedModel, ModelConfig, load_model
@@ -44,6 +46,8 @@ class ModelActor(PoolWorker):
 
         Returns float32 arrays (batch, tokens, dim) plus `attention_mask` for text batches.
         """
+        import torch
+
         resolved = self.loaded.sites.resolve_all(sites)
         if texts is not None:
             enc = self._encode(texts)
@@ -56,6 +60,8 @@ class ModelActor(PoolWorker):
         return result
 
     def generate(self, texts: list[str], max_new_tokens: int = 20, **kwargs: Any) -> list[str]:
+        import torch
+
         tok = self.loaded.tokenizer
         tok.padding_side = "left"  # generation continues from the end of each prompt
         try:
@@ -69,6 +75,8 @@ class ModelActor(PoolWorker):
 
     def loss(self, texts: list[str]) -> list[float]:
         """Per-example mean next-token cross-entropy (padding excluded)."""
+        import torch
+
         enc = self._encode(texts)
         with torch.no_grad():
             logits = self.loaded.model(**enc).logits[:, :-1].float()

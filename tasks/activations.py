@@ -11,16 +11,33 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator, Literal
 
+import functools
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.types import Seed
 
-STORAGE = {"float32": (torch.float32, pa.float32()), "float16": (torch.float16, pa.float16()),
-           "bfloat16": (torch.bfloat16, pa.uint16())}
+if TYPE_CHECKING:  # torch and pyarrow.dataset load when extraction runs, not when a graph is built
+    import pyarrow.dataset as pads
+    import torch
+
+
+@functools.cache
+def storage() -> dict[str, tuple]:
+    """Storage dtype name -> (torch dtype, arrow type)."""
+    import torch
+
+    return {"float32": (torch.float32, pa.float32()), "float16": (torch.float16, pa.float16()),
+            "bfloat16": (torch.bfloat16, pa.uint16())}
+
+
+def __getattr__(name: str):
+    if name == "STORAGE":
+        return storage()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ExtractConfig(BaseModel):
@@ -65,7 +82,9 @@ def check_dataset(cfg: ExtractConfig, data) -> None:
 
 
 def _to_storage(values: torch.Tensor, dtype: str) -> pa.Array:
-    torch_dtype, arrow_type = STORAGE[dtype]
+    import torch
+
+    torch_dtype, arrow_type = storage()[dtype]
     tensor = values.to(torch_dtype).cpu().contiguous()
     flat = tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy()
     width = tensor.shape[-1]
@@ -74,6 +93,8 @@ def _to_storage(values: torch.Tensor, dtype: str) -> pa.Array:
 
 def _select(cfg: ExtractConfig, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row index in batch, position, vector) of the kept tokens of one site's (B, T, D) tensor."""
+    import torch
+
     lengths = mask.sum(dim=1)
     if cfg.tokens == "all":
         batch_idx, pos = mask.nonzero(as_tuple=True)
@@ -139,6 +160,8 @@ def extract_shard(cfg: ExtractConfig, shard, model, data) -> dict:
 
 def vectors_of(batch: pa.RecordBatch | pa.Table, dtype: str | None = None) -> torch.Tensor:
     """The `vector` column as a (rows, dim) float tensor, decoding bfloat16 bit patterns."""
+    import torch
+
     column = batch.column("vector")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()

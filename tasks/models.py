@@ -8,14 +8,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+import functools
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from interpflow.tasks.sites import SiteMap
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+@functools.cache
+def dtypes() -> dict[str, Any]:
+    """Dtype name -> torch dtype (torch loads when a model does, not when a graph is built)."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        return dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
 
 
@@ -106,14 +119,18 @@ def check_model_source(path_or_id: str) -> None:
 
 def check_dtype(dtype: str, device: str) -> None:
     """A tiny matmul in `dtype` on `device`; raise ValueError if the device cannot do it."""
+    import torch
+
     try:
-        a = torch.ones(4, 4, dtype=DTYPES[dtype], device=device)
+        a = torch.ones(4, 4, dtype=dtypes()[dtype], device=device)
         (a @ a).sum().item()
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"dtype {dtype} is not supported on {device}: {exc}") from None
 
 
 def resolve_device(cfg: ModelConfig) -> str:
+    import torch
+
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -123,6 +140,7 @@ def resolve_device(cfg: ModelConfig) -> str:
 
 
 def _load_hf(path_or_id: str, cfg: ModelConfig, meta: bool = False):
+    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(path_or_id, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -132,7 +150,7 @@ def _load_hf(path_or_id: str, cfg: ModelConfig, meta: bool = False):
     if meta:
         with torch.device("meta"):
             return auto.from_config(hf_config), hf_config
-    model = auto.from_pretrained(path_or_id, revision=cfg.revision, dtype=DTYPES[cfg.dtype],
+    model = auto.from_pretrained(path_or_id, revision=cfg.revision, dtype=dtypes()[cfg.dtype],
                                  trust_remote_code=cfg.trust_remote_code)
     return model, hf_config
 

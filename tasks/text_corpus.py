@@ -14,11 +14,15 @@ Ground truth a study can check against:
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from interpflow.tasks.types import Seed
+
+if TYPE_CHECKING:  # datasets loads when the corpus is made, not when a graph is built
+    import datasets
 
 MARKER = "zorp"
 CONCEPT_WORDS = ("kelvash", "mirrun", "tosquel")
@@ -66,6 +70,8 @@ def topic_vocabulary(n_topics: int) -> list[list[str]]:
 
 def make_corpus(cfg: CorpusConfig) -> datasets.Dataset:
     """``n_examples`` sequences with columns id, text, topic, concept (see the module docstring)."""
+    import datasets
+
     rng = np.random.default_rng(cfg.seed)
     vocab = [np.array(v) for v in topic_vocabulary(cfg.n_topics)]
     filler = np.array(FILLER_WORDS)

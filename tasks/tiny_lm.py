@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import torch
-import transformers
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from interpflow.tasks.types import Seed
+
+if TYPE_CHECKING:  # torch, transformers and datasets load when a model trains, not when a graph is built
+    import datasets
+    import torch
+    import transformers
 
 BOS = EOS = UNK = "<|endoftext|>"
 PAD = "<pad>"
@@ -74,6 +76,8 @@ class Pretrained:
 
     @classmethod
     def from_pretrained(cls, path) -> Pretrained:
+        import transformers
+
         path = Path(path)
         model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -89,6 +93,9 @@ class Pretrained:
 def train_tokenizer(cfg: TokenizerConfig, texts: list[str],
                     model_max_length: int = 1024) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``; it prepends bos to every encoded text."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     texts = list(texts)
     if not texts:
         raise ValueError("train_tokenizer needs at least one text")
@@ -114,6 +121,8 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str],
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids/attention_mask/labels, with labels -100 on padding."""
+    import torch
+
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -125,6 +134,8 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over non-padding targets, and the number of targets."""
+    import torch
+
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -134,6 +145,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 def clipped_step(loss: torch.Tensor, params, opt: torch.optim.Optimizer, sched) -> None:
     """One optimizer step on ``loss`` with gradients clipped to norm 1 and the schedule advanced."""
+    import torch
+
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -141,17 +154,21 @@ def clipped_step(loss: torch.Tensor, params, opt: torch.optim.Optimizer, sched) 
     sched.step()
 
 
-@torch.no_grad()
 def _mean_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> float:
     """Token-weighted mean next-token loss over ``seqs``."""
+    import torch
+
     total, count = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        s, c = loss_sum(model, pad_batch(seqs[i:i + batch_size], pad_id))
-        total, count = total + s.item(), count + c
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            s, c = loss_sum(model, pad_batch(seqs[i:i + batch_size], pad_id))
+            total, count = total + s.item(), count + c
     return total / max(count, 1)
 
 
 def gpt2_config(cfg: TinyLMConfig, vocab_size: int, bos: int = 0, eos: int = 0, pad: int = 1) -> transformers.GPT2Config:
+    import transformers
+
     return transformers.GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
@@ -160,6 +177,9 @@ def gpt2_config(cfg: TinyLMConfig, vocab_size: int, bos: int = 0, eos: int = 0, 
 
 def site_map(cfg: TinyLMConfig):
     """The activation sites the tiny LM will have, known before it is trained (built on `meta`)."""
+    import torch
+    import transformers
+
     from interpflow.tasks.sites import SiteMap
 
     with torch.device("meta"):
@@ -178,6 +198,9 @@ def train_tiny_lm(cfg: TinyLMConfig, corpus: datasets.Dataset) -> Pretrained:
     ``result.metrics`` holds ``initial_loss`` and ``final_loss`` (mean next-token loss on the first
     ``EVAL_EXAMPLES`` texts before and after training), the last step's ``train_loss``, and timings.
     """
+    import torch
+    import transformers
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     texts = list(corpus["text"])

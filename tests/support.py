@@ -18,6 +18,25 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) ->
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
+HEAVY = {"torch", "transformers", "mlflow", "ray", "datasets", "pandas"}
+_IMPORT_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("HEAVY=" + ",".join(sorted({m.split(".")[0] for m in sys.modules} & %r)),
+                              file=sys.stderr))
+sys.argv = ["interpflow"] + %r
+from interpflow.workflows.cli import main
+main()
+"""
+
+
+def cli_imports(*args: str, cwd: Path | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """The CLI's own `main` in a fresh interpreter, and which of the HEAVY top-level modules it imported."""
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE % (HEAVY, list(args))], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env={**os.environ, "COLUMNS": ""})
+    lines = [x for x in done.stderr.splitlines() if x.startswith("HEAVY=")]
+    return done, set(filter(None, lines[-1][len("HEAVY="):].split(","))) if lines else set(HEAVY)
+
+
 def resumed_record(store: Path, done: subprocess.CompletedProcess, origin: str) -> tuple[Path, dict]:
     """The record of the new run that `interpflow resume ORIGIN` (`done`) printed: a resume is a new run
     whose record names its origin, and the origin's own record stays as that run left it."""

@@ -24,8 +24,8 @@ from interpflow.workflows.cli import app, explain_node
 from interpflow.workflows.engine.record import RunRecord
 from interpflow.workflows.engine.store import Store, shard_dirname
 from interpflow.workflows.spec import apply_overrides, load_spec, parse_yaml
+from support import HEAVY, cli_imports
 
-HEAVY = {"torch", "transformers", "mlflow", "ray", "datasets", "pandas"}
 LONG_RUN = "a-run-id-long-enough-that-an-80-column-layout-would-fold-or-cut-it-" + "x" * 40
 FAILED, RESUMED, CACHED = "demo-failed", "demo-resumed", LONG_RUN
 
@@ -80,20 +80,9 @@ def store_dir(tmp_path_factory) -> Path:
     return root
 
 
-PROBE = """
-import atexit, sys
-atexit.register(lambda: print("HEAVY=" + ",".join(sorted({m.split(".")[0] for m in sys.modules} & %r)),
-                              file=sys.stderr))
-sys.argv = ["interpflow"] + %r
-from interpflow.workflows.cli import main
-main()
-"""
-
-
 def _probe(args: list[str]) -> subprocess.CompletedProcess:
-    """The CLI's own `main` in a fresh interpreter, reporting which heavy top-level modules it imported."""
-    return subprocess.run([sys.executable, "-c", PROBE % (HEAVY, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COLUMNS": ""})
+    """The CLI's own `main` in a fresh interpreter (it prints which heavy modules it imported)."""
+    return cli_imports(*args)[0]
 
 
 def _heavy(done: subprocess.CompletedProcess) -> set[str]:

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import interpflow
-from support import cli, resumed_record, run_then_kill
+from support import cli, cli_imports, resumed_record, run_then_kill
 
 SMALL = {"workflow": "extract", "corpus": {"n_examples": 300}, "lm": {"steps": 40, "n_layer": 2},
          "extract": {"sites": ["embed", "blocks.1.mlp_out"], "batch_size": 16},
@@ -66,6 +66,23 @@ class TestOnLocalRay:
         assert params["input.data.digest"] == data_manifest["digest"]
         assert json.loads(params["sites"]) == ["embed", "blocks.1.mlp_out"]
         assert metrics["tokens"] == rows and metrics["tokens_per_s"] > 0 and metrics["bytes"] > 0
+        self._cached_cli_run_imports_no_model_library(settings)
+
+    @staticmethod
+    def _cached_cli_run_imports_no_model_library(settings):
+        """Re-running the same spec through the CLI: every node is a cache hit, and neither torch,
+        transformers, datasets nor Ray is imported (#29: a cached run costs a few % of the first)."""
+        import yaml
+
+        spec = Path(settings.store).parent / "cached.yaml"
+        spec.write_text(yaml.safe_dump({**SMALL, "run": {"store": settings.store,
+                                                         "tracking_uri": settings.tracking_uri}}))
+        done, heavy = cli_imports("run", str(spec), "--no-progress", cwd=spec.parent)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        statuses = {row.split("│")[1].strip(): row.split("│")[2].strip()
+                    for row in done.stdout.splitlines() if row.startswith("│")}
+        assert statuses == dict.fromkeys(["corpus", "tiny_lm", "activations", "report"], "cached"), done.stdout
+        assert heavy & {"torch", "transformers", "datasets", "ray"} == set(), heavy
 
     def test_one_and_two_actors_give_identical_outputs(self, tmp_path):
         from interpflow.workflows.engine import RunSettings

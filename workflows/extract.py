@@ -96,11 +96,14 @@ def site_widths(cfg: ActivationSource) -> dict[str, int]:
         widths = _tiny_lm_site_widths(cfg.lm, list(cfg.extract.sites))
     else:
         widths = _resolve_widths(study_sites(cfg.model, cfg.lm, cfg.load), cfg.extract.sites)
-    try:  # the driver may have no GPU while actors do: with actor_gpus, CUDA is checked in the actor
-        device = "cpu" if cfg.actor_gpus else models.resolve_device(cfg.load)
-        models.check_dtype(cfg.load.dtype, device)
-    except ValueError as exc:
-        raise ValueError(f"load: {exc}") from None
+    # the driver may have no GPU while actors do: with actor_gpus, CUDA is checked in the actor. float32 runs
+    # on every device, so only a half dtype needs torch here (a cached run then never imports it)
+    if cfg.load.dtype != "float32" or cfg.load.device == "cuda":
+        try:
+            device = "cpu" if cfg.actor_gpus else models.resolve_device(cfg.load)
+            models.check_dtype(cfg.load.dtype, device)
+        except ValueError as exc:
+            raise ValueError(f"load: {exc}") from None
     if cfg.dataset is not None:  # a local data file is read row by row first: it names a bad line, not a loader error
         datasets_io.check_source(cfg.dataset, text_columns=(cfg.extract.text_column,), id_column=cfg.extract.id_column)
         activations.check_dataset(cfg.extract, datasets_io.load_source(cfg.dataset))

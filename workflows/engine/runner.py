@@ -574,8 +574,6 @@ class Runner:
         return ok
 
     def _loop(self) -> None:
-        import ray
-
         while True:
             batch = sorted(self._candidates, key=self._order.__getitem__)  # graph order, as a full scan had
             self._candidates.clear()
@@ -606,6 +604,8 @@ class Runner:
                     raise RuntimeError(f"scheduler stalled with pending nodes {pending}")
                 self._candidates.update(startable)  # a recovery put nodes back to pending; schedule them
                 continue
+            import ray  # here, not above: a run whose nodes are all committed never imports it
+
             refs = list(self.inflight)
             ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
             if ready and rest:  # take every result that is already there, not one per wait
