@@ -77,3 +77,17 @@ def settled(count: Callable[[], int], quiet_s: float = 3.0) -> int:
             seen, stable_since = now, time.time()
         time.sleep(0.2)
     return seen
+
+
+def hold_lock(store_uri: str, directory: str, log: str, hold_s: float) -> None:
+    """Hold the store lock of `directory` for `hold_s`, logging enter/exit (a spawned child's target: it lives
+    here, not in a test module, so the child imports no torch)."""
+    from interpflow.workflows.engine.store import Store
+
+    store = Store(store_uri)
+    with store.lock(directory):
+        with open(log, "a") as f:
+            f.write(f"enter {os.getpid()} {time.time()}\n")
+        time.sleep(hold_s)
+        with open(log, "a") as f:
+            f.write(f"exit {os.getpid()} {time.time()}\n")

@@ -27,8 +27,9 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -198,6 +199,22 @@ class Store:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.uri = uri
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __getstate__(self):  # a Store travels to Ray workers: its S3 client does not (it is made again there)
+        state = dict(self.__dict__)
+        state.pop("_conditional", None)
+        return state
+
+    @functools.cached_property
+    def _conditional(self):
+        """S3's conditional writes for locks (s3.py), or None: a local store (O_EXCL does it), another
+        object store, or an S3 server that does not enforce them (best effort then: see README)."""
+        if self.is_local or type(self.fs).__name__ != "S3FileSystem":
+            return None
+        from interpflow.workflows.engine.s3 import ConditionalS3
+
+        self.fs.create_dir(self.path(".locks"), recursive=True)
+        return ConditionalS3.open(self.uri, self.path(".locks", ".conditional-probe"))
 
     # --- paths -----------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -405,6 +422,7 @@ class Store:
                 return existing
             return manifest
         # Object stores have no atomic directory rename: upload data files, then the manifest last.
+        self._check_lock_not_lost(directory)
         for file in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
             dest = f"{directory}/{file.relative_to(staging)}"
             self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
@@ -435,7 +453,14 @@ class Store:
         rel = directory[len(self.root):].strip("/").replace("/", "--")
         dest = self.path(".quarantine", f"{rel}--{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}")
         self.fs.create_dir(self.path(".quarantine"), recursive=True)
-        self.fs.move(directory, dest)
+        if self.is_local or self.fs.get_file_info(directory).type != pafs.FileType.Directory:
+            self.fs.move(directory, dest)
+            return dest
+        # An object store moves no directories: copy, then delete the manifest first (not committed from
+        # that moment on), then the rest.
+        pafs.copy_files(directory, dest, source_filesystem=self.fs, destination_filesystem=self.fs)
+        self._remove(f"{directory}/{MANIFEST}")
+        self.fs.delete_dir(directory)
         return dest
 
     # --- reading ---------------------------------------------------------------------------
@@ -517,6 +542,10 @@ class Store:
         return datasets
 
     # --- locks -----------------------------------------------------------------------------
+    def _lock_path(self, directory: str) -> str:
+        rel = directory[len(self.root):].strip("/").replace("/", "--")
+        return self.path(".locks", f"{rel}.lock")
+
     @contextmanager
     def lock(self, directory: str, stale_after_s: float = LOCK_STALE_S, poll_s: float = 0.2,
              is_done=None) -> Iterator[bool]:
@@ -527,64 +556,135 @@ class Store:
         (same host: no such process, or the pid now names another process), when nobody refreshed it for
         `stale_after_s` (a hung or partitioned holder), or when it cannot be parsed and is over
         `UNREADABLE_LOCK_GRACE_S` old (a crash between creating and writing it, a full disk).
+
+        On S3 every step is a conditional request (s3.py): create with If-None-Match, refresh, release
+        and break with If-Match on the ETag last seen, so two drivers never both hold a lock, and a holder
+        whose lock was broken learns it before it publishes (StoreError). Where the server ignores those
+        headers, and on other object stores, it is best effort (README, "Hardening").
         """
-        rel = directory[len(self.root):].strip("/").replace("/", "--")
-        lock_path = self.path(".locks", f"{rel}.lock")
+        lock_path = self._lock_path(directory)
         self.fs.create_dir(self.path(".locks"), recursive=True)
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _own_start_time(),
                  "token": uuid.uuid4().hex}
         while True:
-            if self._try_create(lock_path, owner):
+            held = self._try_create(lock_path, owner)
+            if held is not None:
                 break
             if is_done is not None and is_done():
                 yield False
                 return
-            if self._lock_is_stale(lock_path, stale_after_s):
-                self._remove(lock_path)
+            stale = self._lock_is_stale(lock_path, stale_after_s)
+            if stale:
+                held = self._break(lock_path, owner, stale)
+                if held is not None:
+                    break
                 continue
             time.sleep(poll_s)
-        _HEARTBEAT.hold(self, lock_path, stale_after_s / 6)
+        _HEARTBEAT.hold(self, held, stale_after_s / 6)
         try:
             yield True
         finally:
             _HEARTBEAT.release(lock_path)
-            self._remove(lock_path)
+            self._release(held)
 
-    def _try_create(self, path: str, owner: dict) -> bool:
+    def _try_create(self, path: str, owner: dict) -> "_Held | None":
         data = json.dumps(owner).encode()
         if self.is_local:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                return False
+                return None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return True
-        # Best effort on object stores: write, then read back to see whose write won.
+            return _Held(path, owner)
+        if self._conditional is not None:
+            etag = self._conditional.create(path, data)
+            return None if etag is None else _Held(path, owner, etag)
+        # Best effort on object stores without conditional writes: write, then read back to see whose
+        # write won.
         if self.fs.get_file_info(path).type == pafs.FileType.File:
-            return False
+            return None
         with self.fs.open_output_stream(path) as f:
             f.write(data)
         time.sleep(0.05)
         try:
-            return self.read_json(path).get("token") == owner["token"]
+            return _Held(path, owner) if self.read_json(path).get("token") == owner["token"] else None
         except (OSError, ValueError, AttributeError):
-            return False
+            return None
 
-    def _lock_is_stale(self, path: str, stale_after_s: float) -> bool:
-        info = self.fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            return False  # released meanwhile: try to create it again
-        age = time.time() - (info.mtime.timestamp() if info.mtime else time.time())
+    def _lock_is_stale(self, path: str, stale_after_s: float) -> Any:
+        """False while the lock at `path` stands; else something true (on S3: the lock object as read,
+        whose ETag guards the break)."""
+        if self._conditional is not None:
+            found = self._conditional.read(path)
+            if found is None:
+                return False  # released meanwhile: try to create it again
+            age, raw = found.age_s, found.body
+        else:
+            info = self.fs.get_file_info(path)
+            if info.type != pafs.FileType.File:
+                return False  # released meanwhile: try to create it again
+            age = time.time() - (info.mtime.timestamp() if info.mtime else time.time())
+            found, raw = True, None
         try:
-            owner = self.read_json(path)
+            owner = json.loads(raw.decode()) if raw is not None else self.read_json(path)
             if not isinstance(owner, dict):
                 raise ValueError("not a lock record")
         except (FileNotFoundError, OSError, ValueError):
-            return age > UNREADABLE_LOCK_GRACE_S
+            return found if age > UNREADABLE_LOCK_GRACE_S else False
         if owner.get("host") == socket.gethostname() and not _process_alive(owner.get("pid"), owner.get("started")):
-            return True
-        return age > stale_after_s
+            return found
+        return found if age > stale_after_s else False
+
+    def _break(self, path: str, owner: dict, stale: Any) -> "_Held | None":
+        """Break a stale lock. On S3 the breaker takes it over in one request guarded by the ETag it read,
+        so of two breakers one wins; elsewhere it is removed, and the caller tries to create it again."""
+        if self._conditional is not None:
+            etag = self._conditional.replace(path, json.dumps(owner).encode(), stale.etag)
+            return None if etag is None else _Held(path, owner, etag)
+        self._remove(path)
+        return None
+
+    def _refresh(self, held: "_Held") -> bool:
+        """Refresh a held lock's heartbeat; False once the lock is known lost (broken by another driver)."""
+        with held.guard:
+            if held.released or held.lost:
+                return not held.lost
+            try:
+                if self.is_local:
+                    os.utime(held.path)
+                elif self._conditional is not None:
+                    held.owner["beat"] = held.owner.get("beat", 0) + 1  # a new ETag each time: no ABA
+                    etag = self._conditional.replace(held.path, json.dumps(held.owner).encode(), held.etag)
+                    held.lost, held.etag = etag is None, etag or held.etag
+                else:  # best effort: rewrite it if it still names this holder
+                    held.lost = self.read_json(held.path).get("token") != held.owner["token"]
+                    if not held.lost:
+                        with self.fs.open_output_stream(held.path) as f:
+                            f.write(json.dumps(held.owner).encode())
+            except (OSError, ValueError, AttributeError):
+                pass  # a transient failure: the next beat tries again
+            if held.lost:
+                warnings.warn(f"interpflow: the store lock {held.path} was broken by another driver",
+                              RuntimeWarning, stacklevel=2)
+            return not held.lost
+
+    def _release(self, held: "_Held") -> None:
+        with held.guard:
+            held.released = True
+            if self._conditional is not None:
+                if not held.lost:
+                    self._conditional.delete(held.path, held.etag)
+                return
+            self._remove(held.path)
+
+    def _check_lock_not_lost(self, directory: str) -> None:
+        """Before publishing to an object store: if this process holds `directory`'s lock, refresh it now,
+        and raise StoreError if another driver broke it (it may be writing the same files)."""
+        held = _HEARTBEAT.held(self._lock_path(directory))
+        if held is not None and not self._refresh(held):
+            raise StoreError(f"the lock of {directory} was broken by another driver (not refreshed for "
+                             f"{LOCK_STALE_S:.0f} s): not publishing over its work")
 
     def _remove(self, path: str) -> None:
         try:
@@ -601,23 +701,40 @@ def _sha256_local(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass(eq=False)
+class _Held:
+    """A lock this process holds: its path, its record, and on S3 the ETag it last wrote."""
+
+    path: str
+    owner: dict
+    etag: str | None = None
+    lost: bool = False
+    released: bool = False
+    guard: threading.Lock = field(default_factory=threading.Lock)  # one refresh or release at a time
+
+
 class _Heartbeat:
     """One thread per process refreshes every lock the process holds (a thread per lock cost more than
     a small shard's whole computation)."""
 
     def __init__(self):
-        self._held: dict[str, tuple[Store, float, float]] = {}  # lock path -> (store, period, last refresh)
+        self._held: dict[str, tuple[Store, _Held, float, float]] = {}  # path -> (store, lock, period, last)
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def hold(self, store: "Store", path: str, period_s: float) -> None:
+    def hold(self, store: "Store", held: _Held, period_s: float) -> None:
         with self._guard:
-            self._held[path] = (store, period_s, time.monotonic())
+            self._held[held.path] = (store, held, period_s, time.monotonic())
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()  # a forked child has no thread of its parent's
                 self._thread = threading.Thread(target=self._beat, name="interpflow-lock-heartbeat", daemon=True)
                 self._thread.start()
+
+    def held(self, path: str) -> _Held | None:
+        with self._guard:
+            entry = self._held.get(path)
+        return None if entry is None else entry[1]
 
     def release(self, path: str) -> None:
         with self._guard:
@@ -628,15 +745,14 @@ class _Heartbeat:
             time.sleep(0.5)
             now = time.monotonic()
             with self._guard:
-                due = [(path, store) for path, (store, period, last) in self._held.items() if now - last >= period]
-                for path, _ in due:
-                    store, period, _ = self._held[path]
-                    self._held[path] = (store, period, now)
-            for path, store in due:
+                due = [(store, held) for store, held, period, last in self._held.values() if now - last >= period]
+                for store, held in due:
+                    _, _, period, _ = self._held[held.path]
+                    self._held[held.path] = (store, held, period, now)
+            for store, held in due:
                 try:
-                    if store.is_local:
-                        os.utime(path)
-                except OSError:
+                    store._refresh(held)
+                except Exception:  # noqa: BLE001 - a beat must never kill the thread; the next one retries
                     pass
 
 
