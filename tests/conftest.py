@@ -73,18 +73,25 @@ def s3_server():
         server.wait()
 
 
+@pytest.fixture(scope="module")
+def aws_env(s3_server, tmp_path_factory):
+    """The standard AWS variables pointing at the session's S3 server with dummy keys, for one test module and
+    the processes it starts (a module's Ray workers too, if the cluster starts after this); restored after."""
+    config = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(config / "config"),
+                            "AWS_SHARED_CREDENTIALS_FILE": str(config / "credentials")}.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        yield s3_server
+
+
 @pytest.fixture
-def s3_bucket(s3_server, monkeypatch, tmp_path):
-    """A fresh bucket on the session's S3 server; for this test (and the processes it starts) the standard
-    AWS variables point at that server with dummy keys, and are restored after."""
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
+def s3_bucket(aws_env):
+    """A fresh bucket on the session's S3 server (names need at least 3 characters)."""
     import boto3
 
     bucket = f"t-{uuid.uuid4().hex[:16]}"

@@ -57,7 +57,8 @@ def _client(uri: str):
         kwargs["endpoint_url"] = endpoint if "://" in endpoint else f"{query.get('scheme', 'https')}://{endpoint}"
     if query.get("region"):
         kwargs["region_name"] = query["region"]
-    key = (os.getpid(), tuple(sorted(kwargs.items())))
+    settings = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_REGION")
+    key = (os.getpid(), tuple(sorted(kwargs.items())), tuple(os.environ.get(name) for name in settings))
     with _GUARD:  # boto3's default session is not thread-safe; its clients are
         if key not in _CLIENTS:
             _CLIENTS[key] = boto3.client("s3", **kwargs)

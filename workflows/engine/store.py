@@ -510,10 +510,20 @@ class Store:
         """A local filesystem path for `path` (itself on a local store; a cached download otherwise)."""
         if self.is_local:
             return path
-        dest = Path(tempfile.gettempdir()) / "interpflow-cache" / hashlib.sha256(path.encode()).hexdigest()[:16]
+        # Keyed by the file's size and time too (a recomputed artifact has the same path), and under the
+        # file's own name (a figure is logged to MLflow by it). Downloaded beside it, then renamed.
+        info = self.fs.get_file_info(path)
+        version = f"{path}|{info.size}|{info.mtime_ns}" if info.type == pafs.FileType.File else path
+        dest = Path(tempfile.gettempdir()) / "interpflow-cache" / hashlib.sha256(version.encode()).hexdigest()[:16] \
+            / posixpath.basename(path)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(path, str(dest), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+            pafs.copy_files(path, str(partial), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            try:
+                os.rename(partial, dest)
+            except OSError:  # another process got there first
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
         return str(dest)
 
     def _load_sharded(self, directory: str, manifest: dict, output: str | None, verify: bool) -> Any:
