@@ -15,6 +15,20 @@ from interpflow.workflows.cli import app, explain_node
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
+@pytest.fixture(scope="module")
+def ray_local(aws_env, ray_local):
+    """The module's cluster, started after the AWS variables are set, so its workers reach the S3 server too."""
+    return ray_local
+
+
+@pytest.fixture
+def store_settings(store_uri, tmp_path):
+    """Run settings on a local store and on S3 (conftest.store_uri); MLflow in a local SQLite file."""
+    from interpflow.workflows.engine import RunSettings
+
+    return RunSettings(store=store_uri, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False)
+
+
 def demo(settings, *overrides, run_id=None):
     return interpflow.run({"workflow": "demo", "numbers": {"n": 400}, "num_shards": 4},
                           list(overrides), settings=settings, run_id=run_id, progress=False)
@@ -27,7 +41,8 @@ def nested_runs(settings, parent_id):
     return {r.data.tags["interpflow.node"]: r for r in runs}
 
 
-def test_second_run_is_all_cache_hits_and_executes_nothing(settings):
+def test_second_run_is_all_cache_hits_and_executes_nothing(store_settings):
+    settings = store_settings
     first = demo(settings)
     assert first.ok and first.metrics("report")["ground_truth_ok"] == 1.0
     assert {s["status"] for s in first.nodes().values()} == {"ran"}
@@ -135,22 +150,30 @@ def test_explain_after_a_resume_names_the_run_that_computed_each_node(settings, 
     assert "named itself, in an earlier attempt" in explain_node(again.record, "summarise", settings.store)[0]
 
 
-def test_corrupt_artifact_is_detected_on_read_and_recomputed(settings):
-    first = demo(settings)
-    directory = Path(settings.store) / "make_numbers" / first.nodes()["make_numbers"]["key"]
-    parquet = directory / "output.parquet"
-    data = bytearray(parquet.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size and (below) same mtime: only the checksum on read can tell
-    stat = parquet.stat()
-    parquet.write_bytes(bytes(data))
+def test_corrupt_artifact_is_detected_on_read_and_recomputed(store_settings):
     import os
 
-    os.utime(parquet, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    import pyarrow.fs as pafs
+
+    from interpflow.workflows.engine.store import Store
+
+    settings = store_settings
+    first = demo(settings)
+    store = Store(settings.resolved_store())
+    parquet = f"{store.node_path('make_numbers', first.nodes()['make_numbers']['key'])}/output.parquet"
+    with store.fs.open_input_stream(parquet) as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0xFF  # same size and (below) same mtime: only the checksum on read can tell
+    stat = os.stat(parquet) if store.is_local else None
+    with store.fs.open_output_stream(parquet) as f:
+        f.write(bytes(data))
+    if stat is not None:
+        os.utime(parquet, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     second = demo(settings, "transform.power=3")  # transform must read make_numbers again
     assert second.ok and second.metrics("report")["ground_truth_ok"] == 1.0
     assert second.nodes()["make_numbers"]["status"] == "ran"
     assert second.nodes()["make_numbers"].get("recomputed_after_corruption")
-    assert any((Path(settings.store) / ".quarantine").iterdir())
+    assert store.fs.get_file_info(pafs.FileSelector(store.path(".quarantine")))
     from interpflow.tasks.demo import NumbersConfig, make_numbers
 
     assert second.outputs("make_numbers").equals(make_numbers(NumbersConfig(n=400)))
