@@ -207,7 +207,7 @@ def run_sweep(node, identity: dict, space: dict[str, SearchDimension], trials: i
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")      # no per-experiment console tables from inside a node
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                        run_config=tune.RunConfig(name=f"{node.node}-{node.key[:20]}-{int(time.time())}",
-                                                 storage_path=store.path(".tune"), verbose=0))
+                                                 storage_path=store.uri_of(store.path(".tune")), verbose=0))
     grid = tuner.fit()
     outcomes, seen = [], set()
     for result in grid:

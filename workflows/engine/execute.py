@@ -145,7 +145,7 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
         if job.training is not None:  # the trainer's rank 0 commits; a rerun resumes its checkpoint
             from interpflow.workflows.engine.training import run_training
 
-            run_training(job, kwargs, job.training, store.path(".train"), {"load_s": loaded - started})
+            run_training(job, kwargs, job.training, store.uri_of(store.path(".train")), {"load_s": loaded - started})
             manifest = store.committed(directory)
             manifest.setdefault("timings", {})["compute_s"] = time.time() - loaded
         else:

@@ -519,7 +519,8 @@ class Store:
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
-            pafs.copy_files(path, str(partial), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(path, str(partial), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
             try:
                 os.rename(partial, dest)
             except OSError:  # another process got there first
