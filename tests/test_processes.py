@@ -55,22 +55,36 @@ def test_sigkill_mid_shards_then_resume_runs_only_missing_shards(tmp_path):
     assert table.num_rows == 2000 and sorted(table.column("id").to_pylist()) == list(range(2000))
 
 
-def test_two_concurrent_drivers_compute_every_key_once(tmp_path):
-    store = tmp_path / "store"
-    spec = spec_file(tmp_path / "spec.yaml", store, numbers={"n": 800}, num_shards=6, transform={"work_s": 0.3})
+def _store_files(store, under: str, name: str) -> list[str]:
+    """Paths of the files called `name` under `under` of a store, local or S3 (through its filesystem)."""
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(under), recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and (not name or i.base_name == name))
+
+
+def test_two_concurrent_drivers_compute_every_key_once(store_uri, tmp_path):
+    """On a local store and on S3 (conftest.store_uri; the drivers inherit the AWS variables)."""
+    from interpflow.workflows.engine.store import Store
+
+    run = {"store": store_uri, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    spec = spec_file(tmp_path / "spec.yaml", tmp_path / "store", run=run, numbers={"n": 800}, num_shards=6,
+                     transform={"work_s": 0.3})
     cmd = [sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"]
     drivers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     outputs = [d.communicate(timeout=400)[0] for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], outputs
-    records = _records(store)
+    store = Store(store_uri)
+    records = [store.read_json(p) for p in _store_files(store, "runs", "record.json")]
     assert len(records) == 2 and {r["status"] for r in records} == {"succeeded"}
     for name in ("make_numbers", "summarise", "histogram", "report"):
         assert sorted(r["nodes"][name]["status"] for r in records) == ["cached", "ran"], name
     assert sum(r["nodes"]["transform_shard"]["shards"]["ran"] for r in records) == 6
-    producers = {json.loads(p.read_text())["produced_by"]["run_id"] for p in _shard_manifests(store)}
-    assert producers <= {r["run_id"] for r in records}
-    assert not list((store / ".locks").iterdir())  # every lock released
+    shard_manifests = [p for p in _store_files(store, "transform_shard", "_manifest.json") if "/shard-" in p]
+    producers = {store.read_json(p)["produced_by"]["run_id"] for p in shard_manifests}
+    assert len(shard_manifests) == 6 and producers <= {r["run_id"] for r in records}
+    assert not _store_files(store, ".locks", "")  # every lock released
 
 
 def test_training_node_killed_midway_resumes_from_its_checkpoint(tmp_path):
