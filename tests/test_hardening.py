@@ -311,6 +311,40 @@ def test_a_holder_whose_s3_lock_was_broken_learns_it_and_publishes_nothing(store
     assert json.loads(store.fs.open_input_stream(path).read())["token"] == "other"  # its release left it alone
 
 
+@pytest.mark.parametrize("store_uri", ["s3"], indirect=True)
+def test_a_server_that_ignores_conditional_writes_is_found_out_and_gets_best_effort_locks(store_uri, monkeypatch):
+    from interpflow.workflows.engine import s3
+
+    client = s3._client(store_uri)
+
+    def ignore_conditions(request, **_):  # what a server without conditional writes does with them
+        for header in ("If-None-Match", "If-Match"):
+            if header in request.headers:
+                del request.headers[header]
+
+    monkeypatch.setattr(s3, "_SUPPORTED", {})
+    client.meta.events.register("before-sign.s3.PutObject", ignore_conditions)
+    try:
+        store = Store(store_uri)
+        assert store._conditional is None  # probed once: a second create of one key was accepted
+        directory = store.node_path("n", "k")
+        with store.lock(directory, stale_after_s=3) as acquired:
+            assert acquired
+            assert not _acquire_within(Store(store_uri), directory, 1.0, stale_after_s=3)
+        assert _acquire_within(Store(store_uri), directory, 5)  # released
+    finally:
+        client.meta.events.unregister("before-sign.s3.PutObject", ignore_conditions)
+
+
+def test_an_s3_store_without_boto3_says_so_in_one_line(monkeypatch):
+    from interpflow.workflows.engine import s3
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` raises ImportError
+    monkeypatch.setattr(s3, "_CLIENTS", {})
+    with pytest.raises(StoreError, match=r"^the store 's3://bkt/x' is on S3, whose locks need boto3: pip install"):
+        s3._client("s3://bkt/x")
+
+
 # --- run records ----------------------------------------------------------------------------------
 RECORD_DAMAGE = {
     "truncated": lambda data: data[: len(data) // 2],
