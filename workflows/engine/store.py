@@ -213,7 +213,6 @@ class Store:
             return None
         from interpflow.workflows.engine.s3 import ConditionalS3
 
-        self.fs.create_dir(self.path(".locks"), recursive=True)
         return ConditionalS3.open(self.uri, self.path(".locks", ".conditional-probe"))
 
     # --- paths -----------------------------------------------------------------------------
@@ -673,8 +672,8 @@ class Store:
                     if not held.lost:
                         with self.fs.open_output_stream(held.path) as f:
                             f.write(json.dumps(held.owner).encode())
-            except (OSError, ValueError, AttributeError):
-                pass  # a transient failure: the next beat tries again
+            except Exception:  # noqa: BLE001 - a transient failure (OSError, an S3 5xx): the next beat tries again
+                pass
             if held.lost:
                 warnings.warn(f"interpflow: the store lock {held.path} was broken by another driver",
                               RuntimeWarning, stacklevel=2)
@@ -684,8 +683,11 @@ class Store:
         with held.guard:
             held.released = True
             if self._conditional is not None:
-                if not held.lost:
-                    self._conditional.delete(held.path, held.etag)
+                try:
+                    if not held.lost:
+                        self._conditional.delete(held.path, held.etag)
+                except Exception:  # noqa: BLE001 - as `_remove`: a lock left behind goes stale after its lease
+                    pass
                 return
             self._remove(held.path)
 
