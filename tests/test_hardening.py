@@ -345,6 +345,15 @@ def test_an_s3_store_without_boto3_says_so_in_one_line(monkeypatch):
         s3._client("s3://bkt/x")
 
 
+@pytest.mark.parametrize("store_uri", ["s3"], indirect=True)
+def test_an_s3_store_needs_a_tracking_uri_only_when_lineage_is_on(store_uri):
+    from interpflow.workflows.spec import SpecError, check_settings
+
+    check_settings(RunSettings(store=store_uri, lineage=False, progress=False))  # `run.lineage=false`: no MLflow
+    with pytest.raises(SpecError, match="field 'run.tracking_uri'"):
+        check_settings(RunSettings(store=store_uri, progress=False))
+
+
 # --- run records ----------------------------------------------------------------------------------
 RECORD_DAMAGE = {
     "truncated": lambda data: data[: len(data) // 2],

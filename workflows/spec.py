@@ -327,6 +327,7 @@ def check_settings(settings: RunSettings) -> None:
         raise SpecError(f"field 'run.store': {exc}. Fix: point run.store at a writable directory or a "
                         "reachable URI (s3://bucket/prefix with credentials in the environment)") from None
     try:
-        settings.resolved_tracking_uri()
+        if settings.lineage:  # no MLflow (run.lineage=false): no tracking URI to resolve
+            settings.resolved_tracking_uri()
     except ValueError as exc:
         raise SpecError(f"field 'run.tracking_uri': {exc}") from None
