@@ -37,6 +37,7 @@ def page_file(tmp_path_factory):
     from interpflow.tasks.sae.fit import heldout_mask
     from interpflow.tasks.sae.saelens import as_fit_output
     from interpflow.workflows.engine.graph import Shard
+    from interpflow.workflows.engine.store import _write_output
 
     root = tmp_path_factory.mktemp("browser")
     corpus = text_corpus.make_corpus(text_corpus.CorpusConfig(n_examples=300, concept_rate=0.5))
@@ -50,14 +51,15 @@ def page_file(tmp_path_factory):
                                       batch_size=128, init_rows=1024, threads=1), train)
     out = browser(BrowserConfig(holdout=0.2, max_examples=60, label="topk-k4"), as_fit_output(sae), acts, corpus,
                   str(root / "lm"))
-    out["browser"].save_pretrained(str(root / "page"))
-    assert out["metrics"]["browser_rows"] > 500
-    return root / "page" / "index.html"
+    (root / "page").mkdir()
+    stored = _write_output("browser", out["browser"], root / "page")   # as the engine commits it
+    assert stored.kind == "html" and out["metrics"]["browser_rows"] > 500
+    return root / "page" / stored.path
 
 
 def test_page_is_one_file_with_its_data_inline(page_file):
     text = page_file.read_text()
-    assert [p.name for p in page_file.parent.iterdir()] == ["index.html"]
+    assert [p.name for p in page_file.parent.iterdir()] == ["browser.html"]
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)        # nothing fetched from a network
     data = json.loads(re.search(r'id="data">(.*?)</script>', text, re.S).group(1).replace("<\\/", "</"))
     latents = data["latents"]

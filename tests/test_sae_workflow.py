@@ -48,6 +48,8 @@ def test_sweep_trains_evaluates_and_checks_ground_truth(settings):
     assert [a.path for a in client.list_artifacts(report_run, "figures")] == ["figures/latent_density.png"]
     frontier_run = handle.nodes()["sae_frontier"]["mlflow_run_id"]
     assert [a.path for a in client.list_artifacts(frontier_run, "figures")] == ["figures/frontier.png"]
+    browser_run = handle.nodes()["sae_browser.topk-k8"]["mlflow_run_id"]     # the latent browser, an artifact
+    assert [a.path for a in client.list_artifacts(browser_run, "pages")] == ["pages/browser.html"]
 
     # beside the project's files: a SAELens folder the real package loads (own layout for RA-SAE)
     import torch
@@ -62,7 +64,7 @@ def test_sweep_trains_evaluates_and_checks_ground_truth(settings):
     with torch.no_grad():
         assert torch.allclose(sae_lens.SAE.load_from_disk(folder)(x), ours(x)[0], atol=1e-4)
     assert read_cfg(folder)["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    page = (Path(handle.outputs("sae_browser.topk-k8", "browser")) / "index.html").read_text()   # latent browser
+    page = Path(handle.outputs("sae_browser.topk-k8", "browser")).read_text()   # latent browser
     assert "top-activating contexts" in page and '"marker": "zorp"' in page
     assert handle.metrics("sae_browser.topk-k8")["browser_best_marker_f1"] >= 0.5
     ra = handle.outputs("sae_saelens.relaxed_archetypal-k8", "saelens")

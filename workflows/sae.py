@@ -3,7 +3,7 @@ each the same way (reconstruction, sparsity, CE loss recovered with the SAE spli
 and plot the L0-FVU frontier. Every trained SAE is also written as a SAELens folder (`sae_saelens.<label>`:
 cfg.json + sae_weights.safetensors + sparsity.safetensors; the project's own layout for archetypal
 variants), and `sae.path=FOLDER` evaluates a SAELens folder from elsewhere instead of training. Each
-SAE gets a latent browser (`sae_browser.<label>/browser/index.html`): one static page, no server.
+SAE gets a latent browser (`sae_browser.<label>/browser.html`, an MLflow artifact under `pages/`): one static page, no server.
 
 By default it runs on the generated corpus and the tiny LM (ground truth: the planted marker token
 gets a latent of its own, and every SAE recovers most of the CE loss); `model` and `dataset` take any
@@ -42,7 +42,7 @@ class SaeStudy(ActivationSource):
         "site, holdout, text/id columns and max_length are taken from extract and fit"))
     eval_shards: int = Field(4, ge=1, le=100_000, description="shards of held-out examples for evaluation")
     browser: latent_browser.BrowserConfig = Field(latent_browser.BrowserConfig(), description=(
-        "the latent browser page (sae_browser.<label>/browser/index.html); holdout, columns and the "
+        "the latent browser page (sae_browser.<label>/browser.html); holdout, columns and the "
         "marker token are taken from fit, extract and eval"))
     frontier: sae_eval.FrontierConfig = sae_eval.FrontierConfig()
     sae: saelens.SaeFolder | None = Field(None, description="evaluate this SAE folder (SAELens layout, e.g. "

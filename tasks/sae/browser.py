@@ -175,14 +175,14 @@ def render(data: dict) -> str:
 
 
 class _Page:
-    """Stored by the engine as a folder (``save_pretrained``) holding ``index.html``."""
+    """A finished page: the engine stores it as ``<output>.html`` and logs it as an MLflow artifact (it takes
+    any value with IPython's ``_repr_html_``, so a notebook shows it inline too)."""
 
     def __init__(self, text: str):
         self.text = text
 
-    def save_pretrained(self, path: str) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "index.html").write_text(self.text, encoding="utf-8")
+    def _repr_html_(self) -> str:
+        return self.text
 
 
 def _marker_ids(tokenizer, token: str) -> set[int]:
@@ -195,7 +195,7 @@ def _marker_ids(tokenizer, token: str) -> set[int]:
 
 
 def browser(cfg: BrowserConfig, sae: dict, activations, data, model) -> dict:
-    """Graph node: the latent browser page of one SAE (``browser/index.html``) from held-out activations,
+    """Graph node: the latent browser page of one SAE (``browser.html``) from held-out activations,
     the tokenizer and the unembedding of ``model`` (a model folder or hub id)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads

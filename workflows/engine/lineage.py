@@ -781,6 +781,8 @@ class Lineage:
         for name, out in summary.outputs.items():
             if out["kind"] == "figure":
                 self._log_artifact(run_id, store.local_copy(f"{directory}/{out['path']}"), "figures")
+            elif out["kind"] == "html":
+                self._log_artifact(run_id, store.local_copy(f"{directory}/{out['path']}"), "pages")
             elif out["kind"] == "table" and summary.first_shard is None \
                     and _is_report_table(store, f"{directory}/{out['path']}"):  # a sharded node's tables are bulk data
                 import tempfile

@@ -95,7 +95,7 @@ class Output:
     """One named output as recorded in a manifest."""
 
     name: str
-    kind: str  # table | tensors | ndarray | json | hf | dataset | figure
+    kind: str  # table | tensors | ndarray | json | hf | dataset | figure | html
     path: str
     rows: int | None = None
 
@@ -114,6 +114,8 @@ def classify(value: Any) -> str:
         return "hf"
     if type(value).__name__ == "Dataset" and hasattr(value, "save_to_disk"):
         return "dataset"  # a Hugging Face `datasets.Dataset`
+    if callable(getattr(value, "_repr_html_", None)):
+        return "html"  # a self-contained page for people (IPython's rich-display convention)
     if isinstance(value, np.ndarray):
         return "ndarray"
     try:
@@ -159,6 +161,10 @@ def _write_output(name: str, value: Any, staging: Path) -> Output:
         disable_progress_bar()  # a storage detail: no bar per commit in the driver's console
         value.save_to_disk(str(staging / name))
         return Output(name, kind, name, rows=value.num_rows)
+    if kind == "html":
+        path = f"{name}.html"
+        (staging / path).write_text(value._repr_html_(), encoding="utf-8")
+        return Output(name, kind, path)
     if kind == "figure":
         path = f"{name}.png"
         value.savefig(staging / path, dpi=110, bbox_inches="tight")
@@ -472,7 +478,7 @@ class Store:
         outputs = manifest["outputs"]
         # By default a node's value is its data: figures are for people, metrics for MLflow (ask
         # for them by name), unless metrics are all the node has.
-        data = [n for n, o in outputs.items() if o["kind"] != "figure" and n != "metrics"]
+        data = [n for n, o in outputs.items() if o["kind"] not in ("figure", "html") and n != "metrics"]
         names = [output] if output else (data or [n for n in outputs if n == "metrics"])
         values = {n: self._load_one(directory, outputs[n]) for n in names}
         if output or len(values) == 1:
@@ -497,7 +503,7 @@ class Store:
             return tensors["tensor"] if set(tensors) == {"tensor"} else tensors
         if kind == "json":
             return self.read_json(path)
-        if kind in ("hf", "figure"):
+        if kind in ("hf", "figure", "html"):
             return self.local_copy(path)
         if kind == "dataset":
             import datasets
