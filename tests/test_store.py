@@ -161,7 +161,7 @@ def test_lock_excludes_other_processes(store, tmp_path, drivers):
     events = [line.split()[0] for line in log.read_text().splitlines()]
     assert events == ["enter", "exit"] * drivers  # never two holders at once
     assert [p.exitcode for p in procs] == [0] * drivers
-    assert not [f for f in store_files(store) if "/.locks/" in f]  # every lock released
+    assert not [f for f in store_files(store) if "/.locks/" in f and f.endswith(".lock")]  # every lock released
 
 
 def test_a_dead_holders_lock_is_broken(store, tmp_path):

@@ -15,6 +15,7 @@ is pickled.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -612,7 +613,7 @@ class Store:
                 return None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return _Held(path, owner)
+                return _Held(path, owner, str(os.fstat(f.fileno()).st_ino))
         if self._conditional is not None:
             etag = self._conditional.create(path, data)
             return None if etag is None else _Held(path, owner, etag)
@@ -636,6 +637,11 @@ class Store:
             if found is None:
                 return False  # released meanwhile: try to create it again
             age, raw = found.age_s, found.body
+        elif self.is_local:
+            found = _local_identity(path)
+            if found is None:
+                return False  # released meanwhile: try to create it again
+            age, raw = time.time() - found[1] / 1e9, None
         else:
             info = self.fs.get_file_info(path)
             if info.type != pafs.FileType.File:
@@ -653,11 +659,23 @@ class Store:
         return found if age > stale_after_s else False
 
     def _break(self, path: str, owner: dict, stale: Any) -> "_Held | None":
-        """Break a stale lock. On S3 the breaker takes it over in one request guarded by the ETag it read,
-        so of two breakers one wins; elsewhere it is removed, and the caller tries to create it again."""
+        """Break a stale lock: the breaker takes it over only if it is still the lock it judged stale, so of
+        two breakers one wins. On S3 one request guarded by the ETag it read; on a local store an atomic
+        replace, checked (inode and mtime) under the store's lock guard; elsewhere it is removed, and the
+        caller tries to create it again."""
         if self._conditional is not None:
             etag = self._conditional.replace(path, json.dumps(owner).encode(), stale.etag)
             return None if etag is None else _Held(path, owner, etag)
+        if self.is_local:
+            with _local_guard(path):
+                if _local_identity(path) != stale:
+                    return None  # broken by another driver, refreshed or released since it was judged
+                staging = f"{path}.{owner['token']}.tmp"
+                with open(staging, "wb") as f:
+                    f.write(json.dumps(owner).encode())
+                    inode = os.fstat(f.fileno()).st_ino
+                os.replace(staging, path)
+                return _Held(path, owner, str(inode))
         self._remove(path)
         return None
 
@@ -668,7 +686,10 @@ class Store:
                 return not held.lost
             try:
                 if self.is_local:
-                    os.utime(held.path)
+                    current = _local_identity(held.path)
+                    held.lost = current is None or str(current[0]) != held.etag
+                    if not held.lost:
+                        os.utime(held.path)
                 elif self._conditional is not None:
                     held.owner["beat"] = held.owner.get("beat", 0) + 1  # a new ETag each time: no ABA
                     etag = self._conditional.replace(held.path, json.dumps(held.owner).encode(), held.etag)
@@ -695,6 +716,12 @@ class Store:
                 except Exception:  # noqa: BLE001 - as `_remove`: a lock left behind goes stale after its lease
                     pass
                 return
+            if self.is_local:
+                with _local_guard(held.path):
+                    current = _local_identity(held.path)
+                    if current is not None and str(current[0]) == held.etag:
+                        self._remove(held.path)  # never a lock another driver took over
+                return
             self._remove(held.path)
 
     def _check_lock_not_lost(self, directory: str) -> None:
@@ -710,6 +737,27 @@ class Store:
             self.fs.delete_file(path)
         except (FileNotFoundError, OSError):
             pass
+
+
+def _local_identity(path: str) -> tuple[int, int] | None:
+    """A local lock file's (inode, mtime in ns): a replaced or refreshed lock has another."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextmanager
+def _local_guard(lock_path: str) -> Iterator[None]:
+    """Serialise check-then-replace (a break) and check-then-remove (a release) of a local store's locks
+    between processes: an flock on one file beside them (released by the kernel if the holder dies)."""
+    fd = os.open(os.path.join(os.path.dirname(lock_path), ".guard"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _sha256_local(path: Path) -> str:
