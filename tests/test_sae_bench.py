@@ -37,6 +37,10 @@ def test_benchmarks_meet_their_ground_truth(settings):
     assert universal["r2.a_to_b"] > 0.8 and universal["r2.b_to_a"] > 0.8
     assert min(universal["self_ratio.a"], universal["self_ratio.b"]) >= 0.8
     assert universal["ground_truth_ok"] == 1.0 and 0 < universal["shared_frac"] <= 1
+    from interpflow.tasks.sae.saelens import load_universal_folder
+
+    shared = load_universal_folder(handle.outputs("universal", "universal_sae"))  # own layout, SAELens spirit
+    assert shared.cfg.names == ["a", "b"] and shared.cfg.n_latents == 64
 
 
 def test_bad_benchmark_configs_fail_before_compute():

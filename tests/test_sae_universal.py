@@ -269,3 +269,27 @@ def test_paired_init_aligns_latents_better_than_random_init(universal, shared_da
           f"{cf_random['cofire'][0, 1]:.3f}")
     assert cf_paired["cofire"][0, 1] > cf_random["cofire"][0, 1] + 0.2
     assert cf_paired["shared_frac"] > cf_random["shared_frac"] + 0.2
+
+
+def test_a_saved_folder_loads_back_to_the_same_reconstructions_and_is_refused_where_one_model_is_expected(
+        universal, shared_data, tmp_path):
+    import json
+
+    from interpflow.tasks.sae.saelens import load_folder, load_universal_folder, save_universal_folder
+
+    model = universal[0]
+    folder = save_universal_folder(model, tmp_path / "usae", sites=["blocks.1.resid_post"] * 2)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "interpflow.universal" and cfg["d_ins"] == [D1, D2] and cfg["d_sae"] == N_LATENTS
+    assert cfg["metadata"]["model_names"] == ["a", "b"]
+    back = load_universal_folder(folder)
+    assert np.allclose(cross_r2(back, shared_data), cross_r2(model, shared_data), atol=1e-6)
+    from safetensors.torch import load_file
+
+    assert load_file(str(folder / "sparsity.safetensors"))["sparsity"].shape == (2, N_LATENTS)
+    with pytest.raises(ValueError, match=r"sae.path: .* is a Universal SAE over 2 models \(a, b\).*load_universal_folder"):
+        load_folder(folder)
+    cfg["d_ins"] = [D1, 0]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"needs d_ins, a list of positive integers"):
+        load_universal_folder(folder)

@@ -336,4 +336,7 @@ def universal_study(cfg: UniversalStudy, a, b) -> dict:
                "shared_frac": firing["shared_frac"], "shared_of_alive": firing["shared_of_alive"],
                "paired_rows": xs[0].shape[0],
                "ground_truth_ok": float(min(ratios) >= cfg.min_self_ratio)}
-    return {"table": table, "cross_r2": fig, "metrics": metrics}
+    from .saelens import _Folder, save_universal_folder
+
+    return {"table": table, "cross_r2": fig, "universal_sae": _Folder(lambda path: save_universal_folder(model, path)),
+            "metrics": metrics}

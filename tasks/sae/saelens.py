@@ -92,6 +92,49 @@ def save_folder(model: SparseAutoencoder, folder: str | Path, *, hook_name: str 
     return folder
 
 
+UNIVERSAL = OWN_PREFIX + "universal"
+
+
+def save_universal_folder(model, folder: str | Path, *, sites: list[str] | None = None,
+                          metadata: dict | None = None) -> Path:
+    """Write a Universal SAE (``universal.UniversalSAE``) in the project's own layout, in the SAELens spirit:
+    ``cfg.json`` (architecture ``interpflow.universal``, ``d_ins`` one width per model, ``d_sae``, the model
+    names and their sites in ``metadata``, the full config), ``sae_weights.safetensors`` (its state dict:
+    ``W_enc.M``, ``W_dec.M``, ... per model M) and ``sparsity.safetensors`` (log10 firing frequency per source
+    model, shape (models, d_sae)). ``load_universal_folder`` reads it back."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = model.cfg.names
+    meta = {"sae_lens_version": SAELENS_CFG_VERSION, "model_names": names, "interpflow_sites": list(sites or []),
+            "interpflow_variant": "universal", **(metadata or {})}
+    cfg = {"architecture": UNIVERSAL, "d_ins": list(model.cfg.d_ins), "d_sae": model.cfg.n_latents,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none", "interpflow_config": model.cfg.model_dump(mode="json"), "metadata": meta}
+    rows = model.rows_seen.double().clamp_min(1)[:, None]
+    sparsity = torch.log10(model.fire_count.double() / rows + 1e-10).float()
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    save_file({"sparsity": sparsity}, str(folder / SPARSITY))
+    (folder / CFG).write_text(json.dumps(cfg, indent=1))
+    return folder
+
+
+def load_universal_folder(folder: str | Path, field: str = "sae.path"):
+    """A folder ``save_universal_folder`` wrote, as a ``UniversalSAE`` in eval mode."""
+    from safetensors.torch import load_file
+
+    from .universal import UniversalSAE, UniversalSAEConfig
+
+    cfg = read_cfg(folder, field)
+    if cfg["architecture"] != UNIVERSAL:
+        raise ValueError(f"{field}: '{folder}' holds a {cfg['architecture']!r} SAE, not a Universal SAE; "
+                         f"load it with load_folder")
+    model = UniversalSAE(UniversalSAEConfig(**cfg["interpflow_config"]))
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
+    return model.eval()
+
+
 def read_cfg(folder: str | Path, field: str = "sae.path") -> dict:
     """A folder's cfg.json, checked: its architecture is one we read and its settings are ones we model."""
     folder = Path(folder)
@@ -113,7 +156,12 @@ def read_cfg(folder: str | Path, field: str = "sae.path") -> dict:
         if cfg.get(key) not in ok:
             raise ValueError(f"{field}: {key}={cfg.get(key)!r} in '{path}' is not supported (only {ok[0]!r}); "
                              f"fold it into the weights first")
-    for key in ("d_in", "d_sae"):
+    if arch == UNIVERSAL:
+        widths = cfg.get("d_ins")
+        if not isinstance(widths, list) or not widths or not all(isinstance(d, int) and d >= 1 for d in widths):
+            raise ValueError(f"{field}: '{path}' needs d_ins, a list of positive integers (one width per model), "
+                             f"got {widths!r}")
+    for key in (("d_sae",) if arch == UNIVERSAL else ("d_in", "d_sae")):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"{field}: '{path}' needs a positive integer {key}, got {cfg.get(key)!r}")
     return cfg
@@ -139,6 +187,10 @@ def load_folder(folder: str | Path, field: str = "sae.path") -> SparseAutoencode
     cfg = read_cfg(folder, field)
     tensors = load_file(str(Path(folder) / WEIGHTS))
     arch = cfg.get("architecture", "standard")
+    if arch == UNIVERSAL:
+        raise ValueError(f"{field}: '{folder}' is a Universal SAE over {len(cfg['d_ins'])} models "
+                         f"({', '.join(cfg.get('metadata', {}).get('model_names', []))}); this takes a one-model SAE. "
+                         f"Load it in Python with tasks.sae.saelens.load_universal_folder")
     if arch.startswith(OWN_PREFIX):
         model = make_sae(SAEConfig(**cfg["interpflow_config"]))
         model.load_state_dict(tensors)
