@@ -113,6 +113,10 @@ def test_concept_direction_points_from_label_0_to_1_and_user_vectors_are_checked
         v = out["direction"]["direction"].numpy()
         assert abs(np.linalg.norm(v) - 1) < 1e-9 and v[2] > 0.9, kind
         assert out["metrics"]["probe_accuracy"] > 0.9
+        card = out["card"]  # the open card beside the direction (#30): kind, site in both spellings, norm, fit
+        assert card["kind"] == "probe_direction" and card["fitted"]["method"] == kind
+        assert card["vectors"]["direction"] == {"site": "final_norm", "transformer_lens": "ln_final.hook_normalized",
+                                                "norm": pytest.approx(1.0), "d": 8}
     from safetensors.torch import save_file
 
     save_file({"direction": torch.zeros(8)}, str(tmp_path / "zero.safetensors"))

@@ -9,6 +9,7 @@ weight vector (``probe``). Both point from label 0 to label 1.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,9 +50,17 @@ def fit_concept(cfg: ConceptConfig, activations, data) -> dict:
     v = v / max(np.linalg.norm(v), 1e-12)
     tensors, meta = result.to_tensors()
     separation = float((x[y == 1] @ v).mean() - (x[y == 0] @ v).mean())
+    from interpflow.tasks.sae.vectors import vector_card
+
+    schema_meta = getattr(getattr(activations, "schema", None), "metadata", None) or {}
+    card = vector_card({"direction": v}, kind="probe_direction", name=cfg.label_column, sites={"direction": cfg.site},
+                       model=json.loads(schema_meta[b"model"]) if b"model" in schema_meta else None,
+                       fitted={"method": cfg.direction, "probe": cfg.probe.model_dump(mode="json"),
+                               "examples": len(ids), "held_out_accuracy": result.value,
+                               "points": "from label 0 to label 1"})
     return {"direction": {"direction": torch.from_numpy(np.ascontiguousarray(v)), "probe_weight": tensors["weight"],
                           "probe_bias": tensors["bias"]},
-            "probe": meta,
+            "card": card, "probe": meta,
             "metrics": {"probe_accuracy": result.value, "probe_train_accuracy": result.train_value,
                         "separation": separation, "examples": len(ids), "width": int(x.shape[1])}}
 
