@@ -35,7 +35,7 @@ def _kind(cfg: DatasetSource) -> str:
 
 def dataset_identity(cfg: DatasetSource) -> dict:
     """Digests of local data files (the node key follows their content), else hub id + revision."""
-    from interpflow.workflows.engine.keys import directory_digest, file_digest
+    from interpflow.tasks.digests import directory_digest, file_digest
 
     kind = _kind(cfg)
     path = Path(cfg.path).expanduser().resolve()

@@ -49,7 +49,7 @@ def is_local(path_or_id: str) -> bool:
 def model_identity(path_or_id: str, revision: str | None = None) -> dict[str, str]:
     """A model's identity for node keys: a digest of its weight and config files when local,
     else the hub id and revision (a hub model should be pinned to a commit for reproducibility)."""
-    from interpflow.workflows.engine.keys import directory_digest
+    from interpflow.tasks.digests import directory_digest
 
     if is_local(path_or_id):
         path = Path(path_or_id).expanduser().resolve()

@@ -9,28 +9,19 @@ key so that a cache miss can be explained part by part (`interpflow explain`).
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import json
 import textwrap
 import types
-from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from interpflow.tasks.digests import canonical_json, directory_digest, file_digest, sha256_text
+
 PROJECT_PREFIX = "interpflow."
 # The engine itself decides where things run, not what they compute: its code is not part of keys.
 _ENGINE_PREFIX = "interpflow.workflows.engine"
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and fixed separators: the same value always gives the same bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def config_dict(config: BaseModel | dict | None) -> dict:
@@ -129,25 +120,6 @@ def source_hash(fn: Callable) -> str:
 def clear_source_cache() -> None:
     """Forget cached source hashes (after editing code in a live session, e.g. a notebook)."""
     _SOURCE_CACHE.clear()
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def directory_digest(path: str | Path, suffixes: tuple[str, ...] | None = None) -> str:
-    """Digest of every file (relative name + content) under `path`, optionally by suffix."""
-    root = Path(path)
-    entries = {}
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        if suffixes and not file.name.endswith(suffixes):
-            continue
-        entries[str(file.relative_to(root))] = file_digest(file)
-    return sha256_text(canonical_json(entries))
 
 
 def node_key(parts: dict[str, Any]) -> str:

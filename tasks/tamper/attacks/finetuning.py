@@ -21,7 +21,7 @@ from interpflow.tasks.tamper.world import AttackData, make_attack_data
 def finetune_in_process(cfg: FinetuneConfig, model: str, data, out_dir: str) -> dict:
     """Fine-tune with the engine's in-process training context (one worker); save to ``out_dir``."""
     from interpflow.tasks.finetune import finetune
-    from interpflow.workflows.engine.training import LocalTrainContext
+    from interpflow.tasks.train_context import LocalTrainContext
 
     result = finetune(cfg, train=LocalTrainContext(), model=model, data=data)
     result["model"].save_pretrained(out_dir)
