@@ -58,14 +58,44 @@ def spec_file(path: Path, store: Path, **sections) -> Path:
 
 
 def run_then_kill(spec: Path, cwd: Path, ready: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> None:
-    """Start `interpflow run SPEC` and SIGKILL the driver once `ready()` holds (or it ended, or time ran out)."""
+    """Start `interpflow run SPEC` and, once `ready()` holds (or it ended, or time ran out), SIGKILL the driver
+    and every process it started: the machine is lost. Ray's workers run in process groups of their own but
+    in the driver's session, so the whole session goes; a worker that outlived its driver could otherwise
+    commit one more shard after the test counted them."""
     driver = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "run", str(spec), "--no-progress"],
-                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while not ready() and time.time() < deadline and driver.poll() is None:
         time.sleep(poll_s)
-    driver.send_signal(signal.SIGKILL)
+    kill_session(driver.pid)
     driver.wait()
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # after "pid (comm)": state ppid pgrp session
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` until none is left (a dying raylet may still fork a worker)."""
+    for _ in range(50):
+        members = _session_members(sid)
+        if not members:
+            return
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"processes of session {sid} survived SIGKILL: {_session_members(sid)}")
 
 
 def settled(count: Callable[[], int], quiet_s: float = 3.0) -> int:

@@ -135,7 +135,8 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
     else:
         base = node(models.use_model, cfg.model, name="model",
                     external={"model": models.model_identity(cfg.model.path, cfg.model.revision)})
-    training = Training(num_workers=cfg.finetune.num_workers, use_gpu=cfg.finetune.use_gpu)
+    training = Training(num_workers=cfg.finetune.num_workers, use_gpu=cfg.finetune.use_gpu,
+                        distributed=cfg.finetune.strategy == "deepspeed")
     tuned = (trained(finetune, cfg.finetune, training=training, name="finetune", model=base, data=data["train"])["model"]
              if cfg.fine_tune else base)
     pool = model_actor_pool(cfg.load, cfg.actors, cfg.actor_cpus, cfg.actor_gpus)

@@ -206,7 +206,8 @@ def persuasion_graph(cfg: PersuasionStudy) -> Graph:
                     results[c.label] = evaluated(c, base, vectors[trait.name])
 
     # supervised fine-tuning on trait dialogues, per data condition and seed
-    training = Training(num_workers=cfg.sft.finetune.num_workers, use_gpu=cfg.sft.finetune.use_gpu)
+    training = Training(num_workers=cfg.sft.finetune.num_workers, use_gpu=cfg.sft.finetune.use_gpu,
+                        distributed=cfg.sft.finetune.strategy == "deepspeed")
     for condition in cfg.sft.conditions:
         for seed in cfg.sft.seeds:
             dialogues = planted.SftData(categories=condition.categories, trait=cfg.sft.trait,

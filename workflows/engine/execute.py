@@ -142,10 +142,14 @@ def execute_job(job: Job, resource: Any = None, resource_arg: str | None = None)
             kwargs["node"] = NodeContext(job.store_uri, job.node, job.key, job.run_id, job.mlflow_uri,
                                          job.mlflow_run_id)
         loaded = time.time()
-        if job.training is not None:  # the trainer's rank 0 commits; a rerun resumes its checkpoint
-            from interpflow.workflows.engine.training import run_training
+        if job.training is not None:  # rank 0 commits; a rerun resumes the last checkpoint
+            from interpflow.workflows.engine.training import run_in_task, run_training
 
-            run_training(job, kwargs, job.training, store.uri_of(store.path(".train")), {"load_s": loaded - started})
+            if job.training.on_ray_train:
+                run_training(job, kwargs, job.training, store.uri_of(store.path(".train")),
+                             {"load_s": loaded - started})
+            else:
+                run_in_task(job, kwargs, job.training, store, {"load_s": loaded - started})
             manifest = store.committed(directory)
             manifest.setdefault("timings", {})["compute_s"] = time.time() - loaded
         else:

@@ -151,15 +151,19 @@ def sharded(fn: Callable, config: BaseModel | None = None, *, ids: Callable, num
 
 def trained(fn: Callable, config: BaseModel | None = None, *, training: Any = None, name: str | None = None,
             version: str = "1", external: dict[str, Any] | None = None, **inputs: Node | OutputRef) -> Node:
-    """A node run as `fn(config, train=context, **inputs)` on Ray Train (see engine/training.py).
-
-    If the node is interrupted, running it again resumes from its last checkpoint.
+    """A node run as `fn(config, train=context, **inputs)`: in its own task with one worker, on Ray Train
+    with several (see engine/training.py). If the node is interrupted, running it again resumes from its
+    last checkpoint.
     """
     from interpflow.workflows.engine.training import Training
 
-    # The outer task only waits for the trainer, whose workers hold the CPUs.
+    training = training or Training()
+    # On Ray Train the outer task only waits for the trainer, whose workers hold the CPUs; with one
+    # worker the task is the worker.
+    resources = (Resources(num_cpus=0.1) if training.on_ray_train else
+                 Resources(num_cpus=training.cpus_per_worker, num_gpus=1 if training.use_gpu else 0))
     return Node(fn, config, name or fn.__name__, version, _check_inputs(inputs), external=dict(external or {}),
-                resources=Resources(num_cpus=0.1), training=training or Training())
+                resources=resources, training=training)
 
 
 class Graph:

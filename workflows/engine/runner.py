@@ -154,7 +154,7 @@ class Runner:
 
             # Ray Train's PlacementGroupCleaner polls the State API, which the dashboard serves (on
             # 127.0.0.1, behind token auth); without it every TorchTrainer.fit() waits ~12 s at shutdown.
-            training = any(n.training is not None for n in self.graph)
+            training = any(n.training is not None and n.training.on_ray_train for n in self.graph)
             self.started_ray = ensure_ray(self.settings, dashboard=training)
             self.record.data["ray_job_id"] = ray.get_runtime_context().get_job_id()
             retry = [exception_class(name) for name in self.settings.retry_exceptions] or False
@@ -171,7 +171,7 @@ class Runner:
                                 **self._retry_options}
         if n.resources.memory:
             opts["memory"] = n.resources.memory
-        if n.training is not None:
+        if n.training is not None and n.training.on_ray_train:
             # Ray Train's PlacementGroupCleaner actor (a child of this task's TrainController) asks the State
             # API whether the controller lives; that client finds its cluster by RAY_ADDRESS, else by the
             # last `ray start` head recorded in /tmp/ray (stale, or another cluster), else by pgrep. Name
@@ -248,7 +248,7 @@ class Runner:
             self._advance(n.name)
             return
         remotes = self._remotes()
-        if n.training is not None and not self._training_slot(n):
+        if n.training is not None and n.training.on_ray_train and not self._training_slot(n):
             self._deferred.add(n.name)
             return  # stays pending until a running training node finishes
         state.update(started=time.time(), status="running")
@@ -269,7 +269,8 @@ class Runner:
         def need(node: Node) -> float:
             return node.training.num_workers * node.training.cpus_per_worker
 
-        running = [m for m in self.graph if m.training is not None and self._state(m.name)["status"] == "running"]
+        running = [m for m in self.graph if m.training is not None and m.training.on_ray_train
+                   and self._state(m.name)["status"] == "running"]
         busy = sum(need(m) for m in running)
         return not running or busy + need(n) <= ray.cluster_resources().get("CPU", 1)
 

@@ -1,4 +1,4 @@
-"""Training nodes on Ray Train: resumable from their last checkpoint, with Ray kept out of `tasks/`.
+"""Training nodes: resumable from their last checkpoint, with Ray kept out of `tasks/`.
 
 A training task is a plain function `fn(config, train, **inputs)`. `train` is a small context:
 
@@ -7,9 +7,13 @@ A training task is a plain function `fn(config, train, **inputs)`. `train` is a 
     train.sync_gradients(params)       # or: average gradients across workers by hand
     train.report(step, metrics, state) # metrics to MLflow; with `state`, a checkpoint (all ranks call it)
 
-The engine runs the function inside a `TorchTrainer` whose `RunConfig(name=...)` is derived from the
-node key and whose storage is in the store (`.train/`), so a killed node that runs again resumes from
-its last checkpoint. Rank 0 commits the function's return value like any other node output.
+With several workers (or a task that needs a process group, such as DeepSpeed) the engine runs the
+function inside a `TorchTrainer` whose `RunConfig(name=...)` is derived from the node key and whose storage
+is in the store (`.train/`). One worker needs none of that: the function runs in the node's own Ray task
+(holding the worker's CPUs and GPU) with `StoreTrainContext`, which writes the same checkpoints to the same
+place itself. That saves the 20-40 s a TorchTrainer takes to start and stop (its controller, placement
+group and worker actor), which dominates small runs. Either way a killed node that runs again resumes from
+its last checkpoint, and rank 0 commits the function's return value like any other node output.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ class Training:
     use_gpu: bool = False
     cpus_per_worker: float = 1
     keep_checkpoints: int = 2
+    distributed: bool = False  # the task needs a torch.distributed process group even on one worker (DeepSpeed)
+
+    @property
+    def on_ray_train(self) -> bool:
+        """Several workers, or a process group, need Ray Train; one worker runs in the node's own task."""
+        return self.num_workers > 1 or self.distributed
+
+    def run_name(self, node: str, key: str) -> str:
+        """The checkpoint folder under `.train/` (Ray Train's run name): one per node key."""
+        return f"{node}-{key[:24]}"
 
 
 class RayTrainContext:
@@ -87,9 +101,7 @@ class RayTrainContext:
                 p.grad.div_(self.world_size)
 
     def _log_mlflow(self, step: int, metrics: dict[str, float]) -> None:
-        from interpflow.workflows.engine.lineage import log_step_metrics
-
-        log_step_metrics(*self._mlflow, step, metrics)
+        _log_step_metrics(self._mlflow, step, metrics)
 
     def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
         """Metrics go to the node's MLflow run (rank 0). With `state`, every rank must call this at the
@@ -118,6 +130,86 @@ class RayTrainContext:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 
+def _log_step_metrics(run: tuple[str | None, str] | None, step: int, metrics: dict[str, float]) -> None:
+    if run is not None:
+        from interpflow.workflows.engine.lineage import log_step_metrics
+
+        log_step_metrics(*run, step, metrics)
+
+
+class StoreTrainContext:
+    """One worker in the node's own Ray task, checkpointing into the store itself (local or S3).
+
+    A checkpoint is `.train/<run name>/checkpoint_<step>/` holding `state.safetensors`, then `state.json`:
+    the JSON is written last, so a folder without it (a crash mid-write) is never restored. The newest
+    `keep` checkpoints are kept.
+    """
+
+    rank, world_size = 0, 1
+
+    def __init__(self, store, run_dir: str, keep: int, use_gpu: bool = False, mlflow_uri: str | None = None,
+                 mlflow_run_id: str | None = None):
+        self.store, self.run_dir, self.keep = store, run_dir, max(1, keep)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self._mlflow = (mlflow_uri, mlflow_run_id) if mlflow_run_id else None
+
+    def _checkpoints(self) -> list[tuple[int, str]]:
+        """(step, folder) of every complete checkpoint, oldest first."""
+        import pyarrow.fs as pafs
+
+        found = []
+        for info in self.store.fs.get_file_info(pafs.FileSelector(self.run_dir, allow_not_found=True)):
+            name = info.base_name
+            if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name[11:].isdigit():
+                meta = self.store.fs.get_file_info(f"{info.path}/{META_FILE}")
+                if meta.type == pafs.FileType.File:
+                    found.append((int(name[11:]), info.path))
+        return sorted(found)
+
+    def restore(self) -> dict[str, Any] | None:
+        from safetensors.torch import load
+
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            return None
+        _, folder = checkpoints[-1]
+        with self.store.fs.open_input_stream(f"{folder}/{STATE_FILE}") as f:
+            state: dict[str, Any] = dict(load(f.read()))
+        state.update(self.store.read_json(f"{folder}/{META_FILE}"))
+        return state
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def sync_gradients(self, params) -> None:
+        """One worker: nothing to average."""
+
+    def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
+        from safetensors.torch import save
+
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        _log_step_metrics(self._mlflow, step, metrics)
+        if state is None:
+            return
+        folder = f"{self.run_dir}/checkpoint_{step:09d}"
+        self.store.fs.create_dir(folder, recursive=True)
+        with self.store.fs.open_output_stream(f"{folder}/{STATE_FILE}") as f:
+            f.write(save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+        self.store.write_json_atomic(f"{folder}/{META_FILE}", {"step": step})
+        for _, old in self._checkpoints()[:-self.keep]:
+            self.store.fs.delete_dir(old)
+
+
+def run_in_task(job, kwargs: dict, training: Training, store, timings: dict) -> None:
+    """Run `job.fn` with one worker in this task, resuming the node's last checkpoint in the store."""
+    from interpflow.workflows.engine.execute import commit_result
+
+    torch.set_num_threads(max(1, int(training.cpus_per_worker)))  # see _train_loop
+    context = StoreTrainContext(store, store.path(".train", training.run_name(job.node, job.key)),
+                                training.keep_checkpoints, training.use_gpu, job.mlflow_uri, job.mlflow_run_id)
+    commit_result(job, job.fn(job.config, train=context, **kwargs), timings, store)
+
+
 def _train_loop(config: dict) -> None:
     from interpflow.workflows.engine.execute import commit_result
 
@@ -143,7 +235,7 @@ def run_training(job, kwargs: dict, training: Training, storage_path: str, timin
         train_loop_config={"job": job, "kwargs": kwargs, "timings": timings},
         scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
                                      resources_per_worker={"CPU": training.cpus_per_worker}),
-        run_config=RunConfig(name=f"{job.node}-{job.key[:24]}", storage_path=storage_path,
+        run_config=RunConfig(name=training.run_name(job.node, job.key), storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=training.keep_checkpoints),
                              # metrics go to MLflow; Ray Train's per-report INFO lines would flood the console
                              logging_config=LoggingConfig(log_level="WARNING")),
