@@ -175,8 +175,9 @@ def test_deepspeed_fine_tuning_matches_ddp_on_ray_train(settings, tmp_path):
     for strategy in ("ddp", "deepspeed"):
         cfg = FinetuneConfig(steps=8, batch_size=8, strategy=strategy, zero_stage=1, num_workers=2,
                              checkpoint_every=4)
-        models[strategy] = trained(finetune, cfg, training=Training(num_workers=2), name=f"finetune.{strategy}",
-                                   model=base, data=data["train"])
+        # half a CPU a worker: both trainers fit the 2-CPU cluster at once instead of one after the other
+        models[strategy] = trained(finetune, cfg, training=Training(num_workers=2, cpus_per_worker=0.5),
+                                   name=f"finetune.{strategy}", model=base, data=data["train"])
     handle = run_graph(Graph(*models.values()), settings, progress=False)
     assert handle.ok, handle.nodes()
     weights = {}
