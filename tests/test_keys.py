@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import textwrap
 
@@ -110,3 +111,40 @@ def test_a_name_only_assigned_to_is_no_dependency(tmp_path, monkeypatch):
         return module
 
     assert source_hash(load(2).task) == source_hash(load(3).task)
+
+
+def _extract_keys(store, model, data) -> dict[str, str]:
+    from interpflow.workflows.engine.runner import plan_keys
+    from interpflow.workflows.spec import load_spec
+
+    spec = load_spec({"workflow": "extract", "model": {"path": str(model)}, "dataset": {"path": str(data)},
+                      "run": {"store": str(store)}}, check_store=False)
+    return {name: key for name, (key, _) in plan_keys(spec.builder(spec.config)).items()}
+
+
+def test_external_inputs_are_keyed_by_their_content_not_their_path(tmp_path, monkeypatch):
+    """The byte-identical model and dataset at another path (another mount, another checkout, a relative
+    spelling) give every node the same key; one changed weight changes the model and what reads it."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    first = tmp_path / "first"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    model.save_pretrained(first / "model")
+    (first / "data.jsonl").write_text("".join(json.dumps({"text": f"example {i}"}) + "\n" for i in range(8)))
+    second = tmp_path / "elsewhere" / "second"
+    shutil.copytree(first, second)
+
+    keys = _extract_keys(tmp_path / "store", first / "model", first / "data.jsonl")
+    assert {"dataset", "model", "activations", "report"} <= set(keys)
+    assert _extract_keys(tmp_path / "store", second / "model", second / "data.jsonl") == keys
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _extract_keys(tmp_path / "store", "second/model", "./second/data.jsonl") == keys
+
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] += 1.0
+    model.save_pretrained(second / "model")
+    changed = _extract_keys(tmp_path / "store", second / "model", second / "data.jsonl")
+    assert {name for name in keys if changed[name] != keys[name]} == {"model", "activations", "report"}

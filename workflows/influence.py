@@ -154,8 +154,8 @@ def influence_graph(cfg: InfluenceStudy) -> Graph:
         from interpflow.workflows.engine.store import content_digest
 
         direction = node(concepts.given_concept, cfg.concept_vector, name="concept_vector",
-                         external={"direction": content_digest(concepts.read_direction(cfg.concept_vector.path)
-                                                               .tolist())})["direction"]
+                         external={"direction": {"path": cfg.concept_vector.path, "digest": content_digest(
+                             concepts.read_direction(cfg.concept_vector.path).tolist())}})["direction"]
 
     # gradient-based methods: per-example gradients and curvature statistics, sharded on the actors
     shards = dict(ids=attribution.train_ids, num_shards=cfg.num_shards, actors=pool, model=tuned, data=data["train"])

@@ -170,7 +170,8 @@ def persuasion_graph(cfg: PersuasionStudy) -> Graph:
             given = node(personas.given_vectors, personas.VectorFile(path=cfg.persona_vectors[trait.name],
                                                                    trait=trait.name, layers=cfg.steering.layers),
                          name=f"persona_vector.{trait.name}",
-                         external={"vectors": file_digest(cfg.persona_vectors[trait.name])})
+                         external={"vectors": {"path": cfg.persona_vectors[trait.name],
+                                               "digest": file_digest(cfg.persona_vectors[trait.name])}})
         else:
             settings = personas.PersonaConfig(**cfg.persona.model_dump(), trait=trait, layers=cfg.steering.layers)
             responses = sharded(personas.trait_response_shard, settings, ids=personas.response_ids,

@@ -260,7 +260,7 @@ def copy_identity(path: str) -> dict[str, str]:
     digest.update(annotations.read_bytes())
     for video in sorted((root / VIDEO_DIR).glob("*")) if (root / VIDEO_DIR).is_dir() else []:
         digest.update(f"{video.name}:{video.stat().st_size}".encode())
-    return {"copy": str(root.resolve()), "digest": digest.hexdigest()}
+    return {"path": str(root.resolve()), "digest": digest.hexdigest()}
 
 
 def item_ids(cfg, items, **_) -> list[str]:

@@ -4,6 +4,11 @@ A key is sha256 over canonical JSON of the parts that decide a node's output: it
 version, a hash of the task function's normalised source (and of the project functions it calls),
 its config, its upstream keys, and the identity of external inputs. The parts are kept next to the
 key so that a cache miss can be explained part by part (`interpflow explain`).
+
+External inputs are keyed by content, not location: an identity `{"path": P, "digest": D, ...}` enters the
+key without its path, and a config string that names P (as written or resolved) enters as
+`<external:NAME>`. The byte-identical model or dataset at another path (another node's mount, another
+user's checkout) hits the same cache. A hub id (`{"id": ..., "revision": ...}`) is its own identity.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import os
 import textwrap
 import types
 from typing import Any, Callable
@@ -30,6 +36,40 @@ def config_dict(config: BaseModel | dict | None) -> dict:
     if isinstance(config, BaseModel):
         return config.model_dump(mode="json")
     return json.loads(canonical_json(config))
+
+
+def _resolved(value: str) -> str:
+    return os.path.realpath(os.path.expanduser(value))
+
+
+def content_keyed(config: dict, external: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """(config, external) as they enter a key: located identities lose their path, and config strings
+    naming one of those paths become `<external:NAME>` (see the module docstring)."""
+    named: dict[str, str] = {}  # resolved path -> external name
+
+    def strip(name: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            if "digest" in value and isinstance(value.get("path"), str):
+                named[_resolved(value["path"])] = name
+                value = {k: v for k, v in value.items() if k != "path"}
+            return {k: strip(name, v) for k, v in value.items()}
+        return value
+
+    external = {name: strip(name, value) for name, value in external.items()}
+    if not named:
+        return config, external
+
+    def replace(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: replace(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [replace(v) for v in value]
+        if isinstance(value, str) and value and len(value) < 4096:
+            name = named.get(value) or named.get(_resolved(value))
+            return f"<external:{name}>" if name else value
+        return value
+
+    return replace(config), external
 
 
 class _StripDocstrings(ast.NodeTransformer):

@@ -18,7 +18,7 @@ from typing import Any
 
 from interpflow.workflows.engine.execute import InputRef, Job, execute_job, execute_shards, plan_ids
 from interpflow.workflows.engine.graph import Graph, Node, OutputRef, split_ids
-from interpflow.workflows.engine.keys import config_dict, node_key, source_hash
+from interpflow.workflows.engine.keys import config_dict, content_keyed, node_key, source_hash
 from interpflow.workflows.engine.lineage import Lineage
 from interpflow.workflows.engine.ray_cluster import ensure_ray
 from interpflow.workflows.engine.record import RunRecord
@@ -33,13 +33,14 @@ _UNFETCHED = object()
 
 def key_parts(n: Node, upstream_keys: dict[str, str]) -> dict[str, Any]:
     """Everything that decides a node's output, as plain JSON (see keys.py)."""
+    config, external = content_keyed(config_dict(n.config), n.external)
     parts: dict[str, Any] = {
         "name": n.name,
         "version": n.version,
         "source": source_hash(n.fn),
-        "config": config_dict(n.config),
+        "config": config,
         "upstream": upstream_keys,
-        "external": n.external,
+        "external": external,
     }
     if n.is_sharded:
         parts["sharding"] = {"ids": source_hash(n.ids), "num_shards": n.num_shards}
