@@ -45,6 +45,7 @@ def store_files(store: Store) -> list[str]:
 
 
 def test_round_trip_of_every_kind(store):
+    import datasets
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,16 +60,18 @@ def test_round_trip_of_every_kind(store):
         "meta": {"name": "x", "n": 3},
         "plot": fig,
         "metrics": {"loss": 0.25},
+        "texts": datasets.Dataset.from_dict({"text": ["a b", "c"], "id": [0, 1]}),  # a folder: S3 -> local copy
     }
     directory = store.node_path("node", "k1")
     manifest = store.commit(directory, outputs, {"node": "node", "key": "k1"})
     assert store.committed(directory) == manifest
-    assert manifest["rows"] == 3 and manifest["outputs"]["plot"]["kind"] == "figure"
+    assert manifest["rows"] == 3 + 2 and manifest["outputs"]["plot"]["kind"] == "figure"  # table + dataset rows
     loaded = store.load(directory, manifest)
     assert loaded["table"].equals(outputs["table"])
     assert torch.equal(loaded["weights"]["w"], outputs["weights"]["w"])
     assert loaded["array"].dtype == np.float16 and loaded["array"].shape == (4, 2)
     assert loaded["meta"] == {"name": "x", "n": 3}
+    assert loaded["texts"].to_dict() == {"text": ["a b", "c"], "id": [0, 1]}
     assert "plot" not in loaded and "metrics" not in loaded  # for people and MLflow, not downstream nodes
     assert store.load(directory, manifest, "metrics") == {"loss": 0.25}
     assert store_files(store) and not any(p.endswith(".pkl") for p in store_files(store))

@@ -525,6 +525,8 @@ class Store:
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
+            if info.type == pafs.FileType.Directory:  # Arrow creates the folders it lists, not the root
+                partial.mkdir()
             pafs.copy_files(path, str(partial), source_filesystem=self.fs,
                             destination_filesystem=pafs.LocalFileSystem())
             try:
