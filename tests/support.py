@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -121,3 +125,49 @@ def hold_lock(store_uri: str, directory: str, log: str, hold_s: float) -> None:
         time.sleep(hold_s)
         with open(log, "a") as f:
             f.write(f"exit {os.getpid()} {time.time()}\n")
+
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+def postgres(sql: str) -> None:
+    """Run one statement on the machine's PostgreSQL (CREATE/DROP DATABASE: outside a transaction)."""
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@contextlib.contextmanager
+def tracking_server(host: str, bucket: str) -> Iterator[str]:
+    """`mlflow server` listening on `host`, on a fresh PostgreSQL database, its artifacts proxied to
+    `s3://BUCKET/mlartifacts` (the S3 endpoint and keys from the AWS variables): its URL. The server is
+    stopped and the database dropped after."""
+    database = f"mlflow_{uuid.uuid4().hex[:12]}"
+    postgres(f'CREATE DATABASE "{database}"')
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"{POSTGRES}/{database}",
+                               "--artifacts-destination", f"s3://{bucket}/mlartifacts"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://{host}:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start (exit {server.poll()})") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -4,63 +4,24 @@ SQLite, and the training worker logs its step metrics to it over HTTP (no file p
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import support
+
 SPEC = {"workflow": "demo", "numbers": {"n": 200}, "num_shards": 2, "fit": {"steps": 20, "checkpoint_every": 2}}
-POSTGRES = "postgresql://postgres@127.0.0.1:5432"
-
-
-def _postgres(sql: str) -> None:
-    import psycopg
-
-    # CREATE/DROP DATABASE cannot run inside a transaction
-    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
-        conn.execute(sql)
-
-
 @pytest.fixture(scope="module")
 def tracking_server(aws_env):
     """`mlflow server` on a fresh PostgreSQL database, its artifacts proxied to a fresh bucket of the session's
-    S3 server: (URL, bucket). The database is dropped after."""
+    S3 server: (URL, bucket)."""
     import boto3
 
-    database, bucket = f"mlflow_{uuid.uuid4().hex[:12]}", f"mlflow-{uuid.uuid4().hex[:12]}"
-    _postgres(f'CREATE DATABASE "{database}"')
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", f"{POSTGRES}/{database}",
-                               "--artifacts-destination", f"s3://{bucket}/mlartifacts"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start (exit {server.poll()})") from None
-                time.sleep(0.5)
+    with support.tracking_server("127.0.0.1", bucket) as url:
         yield url, bucket
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        _postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def _lineage(uri: str, parent_id: str, store: str) -> tuple[dict, dict[str, dict]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -100,6 +101,14 @@ def plan_ids(store_uri: str, ids_fn: Callable, config: BaseModel | None, inputs:
     return list(ids_fn(config, **load_inputs(store, inputs, verify)))
 
 
+def _node_ip() -> str | None:
+    """The Ray node this runs on (hosts in containers or namespaces can share a hostname); None outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.util.get_node_ip_address()
+
+
 def commit_result(job: Job, result: Any, timings: dict[str, float], store: Store | None = None) -> dict:
     """Commit a task's return value as the node's (or shard's) outputs; return the manifest."""
     store = store or Store(job.store_uri)
@@ -112,7 +121,7 @@ def commit_result(job: Job, result: Any, timings: dict[str, float], store: Store
         "shard": None if job.shard is None else {"index": job.shard.index, "count": job.shard.count,
                                                 "num_ids": len(job.shard.ids)},
         "produced_by": {"run_id": job.run_id, "mlflow_run_id": job.mlflow_run_id,
-                        "host": socket.gethostname(), "pid": os.getpid()},
+                        "host": socket.gethostname(), "node_ip": _node_ip(), "pid": os.getpid()},
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "timings": timings,
     }
