@@ -223,7 +223,10 @@ def test_training_node_tasks_reach_this_clusters_state_api(settings):
 
     store = Store(settings.resolved_store())
     record = RunRecord.create(store, "state-api", "graph", {}, {}, {})
-    runner = Runner(Graph(trained(_fit)), settings, store, record, None)
+    from interpflow.workflows.engine.training import Training
+
+    # two workers: a Ray Train node (one worker runs in its own task, without a TorchTrainer)
+    runner = Runner(Graph(trained(_fit, training=Training(num_workers=2))), settings, store, record, None)
     (node,) = runner.graph
     node_id = ray.get_runtime_context().get_node_id()
 

@@ -6,14 +6,18 @@ in S3, the lineage in the tracking server, and the client reads both back."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.fs as pafs
 import pytest
@@ -50,9 +54,18 @@ def _wait(check, what: str, timeout: float, logs: list[Path]) -> None:
         time.sleep(1)
 
 
+@dataclass
+class Cluster:
+    url: str                     # the head's dashboard (Jobs API)
+    store: str                   # the S3 store every host and the client use
+    tracking: str                # the MLflow tracking server
+    hosts: Hosts
+    rejoin: Callable[[str], None]
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    """(dashboard URL, store URI, tracking URI, hosts): three hosts, moto S3 and an MLflow server on the
+    """Three hosts, moto S3 and an MLflow server on the
     bridge, a head with no CPUs and two workers with one each. Everything is killed and removed after."""
     import boto3
 
@@ -98,7 +111,15 @@ def cluster():
                     return "/2.0 CPU" in status.stdout
 
                 _wait(two_workers, "two worker hosts", 120, list(logs.values()))
-                yield url, "s3://lab/store", tracking, hosts
+
+                def rejoin(name: str) -> None:
+                    """Start a lost worker host again (a replacement node: new temp dir, new node id)."""
+                    logs[name] = temp / f"{name}-again.log"
+                    hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
+                                       f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}/{name}-again",
+                                       f"--address={head}:{RAY_PORT}", "--num-cpus=1"], logs[name], env=TOKEN_AUTH)
+
+                yield Cluster(url, "s3://lab/store", tracking, hosts, rejoin)
         finally:
             for name in hosts.names:
                 hosts.kill(name)
@@ -107,42 +128,100 @@ def cluster():
             shutil.rmtree(temp, ignore_errors=True)
 
 
+SPEC = {"workflow": "extract", "num_shards": 8, "actors": 2, "actor_cpus": 1, "corpus": {"n_examples": 128},
+        "lm": {"steps": 20}}
+
+
+def _spec(path: Path, cluster: Cluster, store: str) -> Path:
+    path.write_text(yaml.safe_dump({**SPEC, "run": {"store": store, "tracking_uri": cluster.tracking,
+                                                    "experiment": "multihost"}}))
+    return path
+
+
+def _files(store, under: str, name: str = "") -> list:
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(under), recursive=True, allow_not_found=True))
+    return [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(name)]
+
+
+def _shard_digests(store) -> dict[str, str]:
+    """sha256 of every output file of the activations shards, by its path below the store. Not compared: the
+    manifest (who made it, where, when) and metrics.json (which holds the shard's timings)."""
+    digests = {}
+    for info in _files(store, "activations"):
+        if "/shard-" in info.path and info.base_name not in ("_manifest.json", "metrics.json"):
+            with store.fs.open_input_stream(info.path) as f:
+                digests[info.path[len(store.root):]] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def _run_id(store) -> str:
+    (record,) = _files(store, "runs", "record.json")
+    return store.read_json(record.path)["run_id"]
+
+
 def test_submitted_extract_runs_on_two_hosts_into_s3_and_the_tracking_server(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
     import interpflow
     from interpflow.workflows.engine.store import Store
 
-    url, store_uri, tracking, hosts = cluster
-    spec = tmp_path / "extract.yaml"
-    spec.write_text(yaml.safe_dump({"workflow": "extract", "num_shards": 4, "actors": 2, "actor_cpus": 1,
-                                    "corpus": {"n_examples": 64}, "lm": {"steps": 20},
-                                    "run": {"store": store_uri, "tracking_uri": tracking,
-                                            "experiment": "multihost"}}))
-    done = cli("submit", str(spec), "--address", url, "--wait", cwd=tmp_path, timeout=600)
+    done = cli("submit", str(_spec(tmp_path / "extract.yaml", cluster, cluster.store)), "--address", cluster.url,
+               "--wait", cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    store = Store(store_uri)
-    (record_path,) = [p for p in store.fs.get_file_info(pafs.FileSelector(
-        store.path("runs"), recursive=True)) if p.base_name == "record.json"]
-    run_id = store.read_json(record_path.path)["run_id"]
-    status = cli("status", run_id, "--store", store_uri, cwd=tmp_path, timeout=120)
+    store = Store(cluster.store)
+    run_id = _run_id(store)
+    status = cli("status", run_id, "--store", cluster.store, cwd=tmp_path, timeout=120)
     assert status.returncode == 0 and "activations" in status.stdout, status.stdout + status.stderr
 
-    handle = interpflow.open_run(run_id, store=store_uri)  # the notebook API, on the client
+    handle = interpflow.open_run(run_id, store=cluster.store)  # the notebook API, on the client
     shards = handle.nodes()["activations"]["shards"]
-    assert (shards["ran"], shards["total"]) == (4, 4)
+    assert (shards["ran"], shards["total"]) == (8, 8)
     rows = handle.table("activations")
-    assert rows.num_rows > 0 and len(set(rows.column("id").to_pylist())) == 64
-    manifests = [store.read_json(f"{info.path}/_manifest.json")
-                 for info in store.fs.get_file_info(pafs.FileSelector(
-                     store.path("activations"), recursive=True))
-                 if info.base_name.startswith("shard-") and info.type.name == "Directory"]
-    assert len(manifests) == 4
-    assert {m["produced_by"]["node_ip"] for m in manifests} == {hosts.address["w1"], hosts.address["w2"]}
+    assert set(rows.column("id").to_pylist()) == set(range(128))
+    manifests = [store.read_json(i.path) for i in _files(store, "activations", "_manifest.json") if "/shard-" in i.path]
+    assert len(manifests) == 8
+    workers = {cluster.hosts.address["w1"], cluster.hosts.address["w2"]}
+    assert {m["produced_by"]["node_ip"] for m in manifests} == workers
 
-    client = MlflowClient(tracking)
+    client = MlflowClient(cluster.tracking)
     parent = client.get_run(handle.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["interpflow.run_id"] == run_id
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.data.tags["interpflow.node"] for r in children} >= {"corpus", "tiny_lm", "activations", "report"}
+
+
+def test_a_lost_worker_host_mid_shards_changes_no_byte_of_the_outputs(cluster, tmp_path):
+    """Issue #31, point 4: every process of worker host w2 is killed while the shards run, and a replacement
+    joins; the run finishes, each (id, position) is there once, and every committed shard file is
+    byte-identical to the undisturbed run's (the previous test's, same keys, another store)."""
+    import interpflow
+    from interpflow.workflows.engine.store import Store
+
+    undisturbed = _shard_digests(Store(cluster.store))
+    assert len(undisturbed) >= 8, "runs after the undisturbed run of the test above"
+    store_uri = cluster.store + "-lost-host"
+    store = Store(store_uri)
+    spec = _spec(tmp_path / "extract.yaml", cluster, store_uri)
+    result = {}
+    submit = threading.Thread(target=lambda: result.update(done=cli(
+        "submit", str(spec), "--address", cluster.url, "--wait", cwd=tmp_path, timeout=600)))
+    submit.start()
+    deadline = time.time() + 400
+    while not [i for i in _files(store, "activations", "_manifest.json") if "/shard-" in i.path]:
+        assert time.time() < deadline and submit.is_alive(), result
+        time.sleep(0.1)
+    killed = cluster.hosts.kill("w2")
+    node_done = bool([i for i in _files(store, "activations", "_manifest.json") if "/shard-" not in i.path])
+    assert killed and not node_done, "the host should be lost while shards still run"
+    time.sleep(5)
+    cluster.rejoin("w2")
+    submit.join(600)
+    done = result["done"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    handle = interpflow.open_run(_run_id(store), store=store_uri)
+    rows = handle.table("activations")
+    keys = list(zip(rows.column("id").to_pylist(), rows.column("position").to_pylist()))
+    assert len(keys) == len(set(keys)) and set(rows.column("id").to_pylist()) == set(range(128))
+    assert _shard_digests(store) == undisturbed

@@ -28,6 +28,7 @@ from interpflow.workflows.engine.store import CorruptArtifact, Store, content_di
 log = logging.getLogger("interpflow")
 
 DONE = ("ran", "cached")
+LOST_ACTOR_RETRIES = 10  # times a shard goes back to its pool after its actor's host was lost
 _UNFETCHED = object()
 
 
@@ -101,6 +102,10 @@ class Runner:
         self._remote = None
         self._retry_options: dict[str, Any] = {}
         self._recoveries: dict[str, int] = {}
+        # Shard jobs whose actor was lost with its host, to hand to the pool again once it has had time to
+        # restart the actor elsewhere: (due time, node, job); and how often each shard was handed back.
+        self._lost: list[tuple[float, str, Any]] = []
+        self._lost_count: dict[tuple[str, int], int] = {}
         self._bars: dict[str, Any] = {}
         # Scheduling state that keeps each event O(its neighbours), not O(graph): the nodes to look at next
         # (dependents of a node that just settled, nodes put back to pending), shard jobs not yet submitted,
@@ -364,7 +369,7 @@ class Runner:
                 job = pool.queue.popleft()
                 ref = actor.run.remote(job)
                 pool.inflight[index] += 1
-                self.inflight[ref] = ("shard", name, (job.shard, index))
+                self.inflight[ref] = ("shard", name, (job.shard, index, job))
 
     def _finish_sharded(self, n: Node) -> None:
         state = self._state(n.name)
@@ -465,8 +470,9 @@ class Runner:
 
         kind, name, extra = self.inflight.pop(ref)
         n = self.graph[name]
+        pool_job = None
         if kind == "shard" and isinstance(extra, tuple):
-            shard, actor_index = extra
+            shard, actor_index, pool_job = extra
             if name in self.pools:
                 self.pools[name].inflight[actor_index] -= 1
         else:
@@ -480,6 +486,8 @@ class Runner:
             cause = getattr(exc, "cause", None) or exc
             if isinstance(cause, CorruptArtifact) and kind not in ("shard", "shards") \
                     and self._recover_corrupt(name, cause):
+                return
+            if pool_job is not None and self._hand_back(name, pool_job, exc):
                 return
             if kind in ("shard", "shards"):
                 for one in (shard if kind == "shards" else [shard]):
@@ -500,6 +508,33 @@ class Runner:
                     self._shard_done(name, one, outcome)
         else:
             self._shard_done(name, shard, result)
+
+    def _hand_back(self, name: str, job, exc: BaseException) -> bool:
+        """A shard whose actor became unreachable (its host was lost) goes back to the pool after a pause,
+        up to LOST_ACTOR_RETRIES times: Ray restarts the actor once a node has room, and Ray's own task
+        retries are spent in the seconds before the cluster declares the host dead. True if handed back."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        if not isinstance(exc, (ActorUnavailableError, RayActorError)) or name not in self.pools:
+            return False
+        tries = self._lost_count.get((name, job.shard.index), 0) + 1
+        if tries > LOST_ACTOR_RETRIES:
+            return False
+        self._lost_count[(name, job.shard.index)] = tries
+        log.warning("node %s: shard %d lost its actor (%s); handing it back to the pool (%d/%d)", name,
+                    job.shard.index, type(exc).__name__, tries, LOST_ACTOR_RETRIES)
+        self._lost.append((time.time() + min(2.0 * tries, 10.0), name, job))
+        return True
+
+    def _requeue_lost(self) -> None:
+        now, later = time.time(), []
+        for due, name, job in self._lost:
+            if due > now:
+                later.append((due, name, job))
+            elif name in self.pools:
+                self.pools[name].queue.append(job)
+                self._feed_pool(name)
+        self._lost = later
 
     def _shard_done(self, name: str, shard, result: dict) -> None:
         state = self._state(name)
@@ -594,8 +629,13 @@ class Runner:
                 elif all(s in DONE for s in ups):
                     self._start(n)
             self.record.save(force=False)
+            if self._lost:
+                self._requeue_lost()
             if not self.inflight:
                 if self._candidates:
+                    continue
+                if self._lost:  # only shards waiting to go back to their pool
+                    time.sleep(0.2)
                     continue
                 pending = [n.name for n in self.graph if self._state(n.name)["status"] == "pending"]
                 if not pending:
