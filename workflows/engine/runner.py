@@ -95,7 +95,7 @@ class Runner:
         self.graph, self.settings, self.store, self.record = graph, settings, store, record
         self.lineage, self.progress = lineage, progress
         self.keys = plan_keys(graph)
-        self.inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (kind, node, shard)
+        self.inflight: dict[Any, tuple[str, str, Any]] = {}  # ref -> (kind, node, shard or (actor index, job))
         self.pools: dict[str, _Pool] = {}
         self.shards: dict[str, list] = {}
         self.started_ray = False
@@ -369,7 +369,7 @@ class Runner:
                 job = pool.queue.popleft()
                 ref = actor.run.remote(job)
                 pool.inflight[index] += 1
-                self.inflight[ref] = ("shard", name, (job.shard, index, job))
+                self.inflight[ref] = ("shard", name, (index, job))
 
     def _finish_sharded(self, n: Node) -> None:
         state = self._state(n.name)
@@ -472,7 +472,8 @@ class Runner:
         n = self.graph[name]
         pool_job = None
         if kind == "shard" and isinstance(extra, tuple):
-            shard, actor_index, pool_job = extra
+            actor_index, pool_job = extra
+            shard = pool_job.shard
             if name in self.pools:
                 self.pools[name].inflight[actor_index] -= 1
         else:

@@ -100,9 +100,6 @@ class RayTrainContext:
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
 
-    def _log_mlflow(self, step: int, metrics: dict[str, float]) -> None:
-        _log_step_metrics(self._mlflow, step, metrics)
-
     def report(self, step: int, metrics: dict[str, float], state: dict[str, torch.Tensor] | None = None) -> None:
         """Metrics go to the node's MLflow run (rank 0). With `state`, every rank must call this at the
         same step: rank 0's state becomes a Ray Train checkpoint (tensors + step).
@@ -115,8 +112,7 @@ class RayTrainContext:
         from safetensors.torch import save_file
 
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self._mlflow is not None:
-            self._log_mlflow(step, metrics)
+        _log_step_metrics(self._mlflow, step, metrics)
         if state is None:
             return
         metrics["step"] = step
