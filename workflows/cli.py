@@ -9,6 +9,7 @@ loads torch, transformers, mlflow, ray, datasets or pandas (tests/test_cli_fast.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -564,6 +565,11 @@ def main() -> None:
             raise
         err.print(f"error: {exc}")
         sys.exit(2)
+    finally:
+        # The command's work is done and flushed (lineage closed, outputs committed). Without this, the
+        # interpreter's final garbage collections walk every object mlflow and pandas allocated: ~1 s of a
+        # 2.5 s fully cached run, spent after the answer was printed.
+        gc.freeze()
 
 
 if __name__ == "__main__":
