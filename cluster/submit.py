@@ -14,6 +14,10 @@
   again attaches to that job while it is pending, running or succeeded. If its last attempt failed or
   was stopped, a new attempt starts (`<id>-2`, `<id>-3`, ...) as a resume: a new run that names the last
   attempt's run as its origin and reuses every node and shard committed in the store.
+- A lost head (`--retries N`): a job's driver runs on the head, so the job ends with it, GCS fault tolerance
+  or not. The client following the job sees it LOST (the head stops answering, or comes back without it),
+  waits for the head to answer again and submits the next attempt, which runs only what the store does
+  not hold committed. A RayJob's `backoffLimit` does the same on Kubernetes.
 - The package travels as the contents of its wheel in the job's runtime env (`py_modules`), the spec in
   its `working_dir`, the client's git commit in the job's environment (`cluster/job.py` records it).
 - Token auth: the Jobs client sends the cluster token from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH /
@@ -48,6 +52,7 @@ from interpflow.workflows.spec import Spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+LOST = "LOST"  # the head went away with the job (or came back without it): only the client can retry
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 CODE_ENV = ("INTERPFLOW_CODE_COMMIT", "INTERPFLOW_CODE_DIRTY")
 ENTRYPOINT = "python -m interpflow.cluster.job spec.yaml"
@@ -343,14 +348,44 @@ def follow_logs(client, job: str, write: Callable[[str], None], timeout_s: float
     try:
         _run_coroutine(lambda: asyncio.wait_for(tail(), timeout_s))
     except asyncio.TimeoutError:
-        return job_status(client, job)
-    except RuntimeError as exc:  # the log stream broke: say so and keep following the status
-        write(f"[interpflow] log stream of {job} ended early ({exc}); following its status\n")
-    status = job_status(client, job)
-    while status not in TERMINAL and time.time() < deadline:  # the stream ends a moment before the status
+        return followed_status(client, job)
+    except Exception as exc:  # noqa: BLE001 - the stream broke (a lost head too): say so, follow the status
+        write(f"[interpflow] log stream of {job} ended early ({type(exc).__name__}: {exc}); following its "
+              "status\n")
+    status = followed_status(client, job)
+    while status not in TERMINAL + (LOST,) and time.time() < deadline:  # the stream ends before the status
         time.sleep(0.5)
-        status = job_status(client, job)
+        status = followed_status(client, job)
     return status
+
+
+def followed_status(client, job: str) -> str:
+    """The job's status, or LOST when its head no longer answers or no longer knows it (a head that came back
+    without GCS fault tolerance starts with an empty job table)."""
+    try:
+        return job_status(client, job)
+    except SubmitError:
+        return LOST
+    except Exception:  # noqa: BLE001 - connection refused or reset: the head is gone
+        return LOST
+
+
+def wait_for_head(address: str, timeout_s: float, poll_s: float = 2.0):
+    """A Jobs client once the head at `address` answers again (a restarted head, or its replacement), or a
+    SubmitError after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            client = jobs_client(address)
+            client.list_jobs()
+            return client
+        except Exception as exc:  # noqa: BLE001 - still down, or its dashboard still starting
+            if time.time() > deadline:
+                raise SubmitError(f"the head at {address} did not answer within {timeout_s:.0f} s after its job "
+                                  f"was lost ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+                                  ". Fix: restart the head, then submit the spec again: it resumes from the "
+                                  "store") from None
+            time.sleep(poll_s)
 
 
 def wait_for(client, job: str, timeout_s: float, poll_s: float = 1.0) -> str:
@@ -364,9 +399,14 @@ def wait_for(client, job: str, timeout_s: float, poll_s: float = 1.0) -> str:
 
 def submit_spec(spec: Spec, address: str | None = None, wait: bool = True, timeout_s: float = 1800,
                 echo: Callable[[str], None] = print,
-                write: Callable[[str], None] | None = None) -> Submission:
+                write: Callable[[str], None] | None = None, retries: int = 0,
+                head_wait_s: float = 600) -> Submission:
     """Submit `spec` as a Ray job, or attach to the job of this spec already there (see the module
-    docstring); with `wait`, stream its logs to `write` until it ends."""
+    docstring); with `wait`, stream its logs to `write` until it ends.
+
+    `retries` (with `wait`): when the job fails or is lost with its head, wait up to `head_wait_s` for the
+    head to answer again and submit the next attempt, which resumes the run from the store. A stopped job is
+    not retried: someone stopped it."""
     address = cluster_address(address)
     looks_local = is_local_address(address)
     if not looks_local:
@@ -384,34 +424,51 @@ def submit_spec(spec: Spec, address: str | None = None, wait: bool = True, timeo
         echo(f"job {sid} exists ({status}); attaching instead of submitting again")
         result = Submission(sid, status, attached=True, attempt=last, store=store)
     else:
-        attempt = last + 1
-        sid = attempt_id(base, attempt)
         origin = attempt_id(base, last) if last else None
-        entrypoint = f"{ENTRYPOINT} --run-id {sid}" + (f" --origin {origin}" if origin else "")
-        code = client_code_version()
-        staging = Path(tempfile.mkdtemp(prefix="interpflow-submit-"))
-        try:
-            workdir = staging / "job"
-            workdir.mkdir()
-            (workdir / "spec.yaml").write_text(spec_text(raw), encoding="utf-8")
-            package = build_package(staging / "wheel")
-            _submit_when_ready(client, timeout_s=120, entrypoint=entrypoint, submission_id=sid,
-                               runtime_env={"working_dir": str(workdir), "py_modules": [str(package)],
-                                            "env_vars": {CODE_ENV[0]: code["commit"], CODE_ENV[1]: code["dirty"]}},
-                               metadata={"interpflow_workflow": str(raw.get("workflow")), "interpflow_run_id": sid,
-                                         "interpflow_attempt": str(attempt), "interpflow_origin": origin or "",
-                                         "interpflow_store": store})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if origin:
-            echo(f"job {origin} ended {attempts[last].status.value}: submitted attempt {attempt} as job {sid}, "
-                 f"resuming run {origin} from the store")
-        else:
-            echo(f"submitted job {sid}")
-        result = Submission(sid, "PENDING", attached=False, attempt=attempt, origin=origin, store=store)
-    if wait and result.status not in TERMINAL:
-        result.status = follow_logs(client, sid, write or (lambda s: print(s, end="", flush=True)), timeout_s)
+        result = _submit_attempt(client, raw, base, last + 1, origin, store)
+        echo(f"job {origin} ended {attempts[last].status.value}: submitted attempt {result.attempt} as job "
+             f"{result.submission_id}, resuming run {origin} from the store" if origin
+             else f"submitted job {result.submission_id}")
+    if not wait or result.status in TERMINAL:
+        return result
+    write = write or (lambda s: print(s, end="", flush=True))
+    result.status = follow_logs(client, result.submission_id, write, timeout_s)
+    for retry in range(1, retries + 1):
+        if result.status not in ("FAILED", LOST):
+            break
+        echo(f"job {result.submission_id} {'was lost with its head' if result.status == LOST else 'failed'}: "
+             f"retry {retry} of {retries} once the head at {address} answers")
+        client = wait_for_head(address, head_wait_s)
+        # a head restarted without GCS fault tolerance has forgotten the earlier attempts: count on from ours
+        attempt = max(result.attempt, max(attempts_of(client, base), default=0)) + 1
+        previous = result.submission_id
+        result = _submit_attempt(client, raw, base, attempt, previous, store)
+        echo(f"submitted attempt {attempt} as job {result.submission_id}, resuming run {previous} from the store")
+        result.status = follow_logs(client, result.submission_id, write, timeout_s)
     return result
+
+
+def _submit_attempt(client, raw: dict, base: str, attempt: int, origin: str | None, store: str) -> Submission:
+    """Submit one attempt of the resolved spec `raw`: its run id is its submission id; `origin` names the run
+    it resumes."""
+    sid = attempt_id(base, attempt)
+    entrypoint = f"{ENTRYPOINT} --run-id {sid}" + (f" --origin {origin}" if origin else "")
+    code = client_code_version()
+    staging = Path(tempfile.mkdtemp(prefix="interpflow-submit-"))
+    try:
+        workdir = staging / "job"
+        workdir.mkdir()
+        (workdir / "spec.yaml").write_text(spec_text(raw), encoding="utf-8")
+        package = build_package(staging / "wheel")
+        _submit_when_ready(client, timeout_s=120, entrypoint=entrypoint, submission_id=sid,
+                           runtime_env={"working_dir": str(workdir), "py_modules": [str(package)],
+                                        "env_vars": {CODE_ENV[0]: code["commit"], CODE_ENV[1]: code["dirty"]}},
+                           metadata={"interpflow_workflow": str(raw.get("workflow")), "interpflow_run_id": sid,
+                                     "interpflow_attempt": str(attempt), "interpflow_origin": origin or "",
+                                     "interpflow_store": store})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Submission(sid, "PENDING", attached=False, attempt=attempt, origin=origin, store=store)
 
 
 def job_logs(job: str, address: str | None = None, follow: bool = False,

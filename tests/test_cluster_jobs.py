@@ -19,6 +19,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 from interpflow.cluster.submit import (SubmitError, hosts_are_this_machine, is_local_address, resolve_for_cluster,
                                        spec_text, submission_id_for)
 from interpflow.workflows.spec import load_spec, parse_yaml
-from support import cli
+from support import cli, kill_session
 
 runner = CliRunner()
 
@@ -73,29 +74,35 @@ def head_command(temp_dir: str) -> tuple[list[str], str]:
     return command, f"http://127.0.0.1:{ports['dashboard-port']}"
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A head for this module, started by it and stopped by its own pid (never one left running)."""
+def start_head(command: list[str], url: str, log: Path) -> subprocess.Popen:
+    """Run `command` (a `ray start --head --block`) in a session of its own, so that the whole head can be
+    killed at once, and return once its Jobs API answers."""
     from interpflow.cluster.submit import cluster_auth_headers, jobs_client
 
-    temp_dir = tempfile.mkdtemp(prefix="ifjobs-", dir="/tmp")  # short: Ray's socket paths live under it
-    command, url = head_command(temp_dir)
-    log = Path(temp_dir) / "head.log"
-    head = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    head = subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while True:
         try:
             assert cluster_auth_headers(), "the head should have written a cluster token"
             jobs_client(url).list_jobs()
-            break
+            return head
         except Exception:  # noqa: BLE001 - the dashboard is still starting
             if time.time() > deadline or head.poll() is not None:
-                head.terminate()
+                kill_session(head.pid)
                 raise RuntimeError(log.read_text()[-3000:])
             time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head for this module, started by it and stopped by its own pid (never one left running)."""
+    temp_dir = tempfile.mkdtemp(prefix="ifjobs-", dir="/tmp")  # short: Ray's socket paths live under it
+    command, url = head_command(temp_dir)
+    head = start_head(command, url, Path(temp_dir) / "head.log")
     yield url
     head.terminate()
     head.wait(60)
+    kill_session(head.pid)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -196,6 +203,61 @@ def test_stop_then_resubmit_starts_a_new_attempt_that_resumes_from_the_store(ray
     unknown = invoke("logs", "interpflow-demo-nosuchjob", "--address", ray_head)
     assert unknown.exit_code == 2 and "no job 'interpflow-demo-nosuchjob'" in unknown.output
     assert len(unknown.output.strip().splitlines()) == 1, unknown.output
+
+
+def test_a_lost_head_is_retried_by_the_client_and_the_new_attempt_runs_only_what_s3_lacks(tmp_path, s3_bucket):
+    """Issue #31 point 5: kill every process of the head mid-run (its job's driver with it), start the head
+    again; `submit --retries` sees the job lost, waits for the head, and attempt 2 resumes from the S3 store."""
+    import boto3
+
+    from interpflow.workflows.engine.record import RunRecord
+    from interpflow.workflows.engine.store import Store
+
+    temp_dir = tempfile.mkdtemp(prefix="ifhead-", dir="/tmp")
+    command, url = head_command(temp_dir)  # the restarted head takes the same ports: the client's address holds
+    log = Path(temp_dir) / "head.log"
+    head = start_head(command, url, log)  # after s3_bucket: the head's processes hold the AWS variables
+    store_uri = f"s3://{s3_bucket}/store"
+    spec = _spec(tmp_path / "spec.yaml", store_uri, None, numbers={"n": 240}, num_shards=6,
+                 transform={"work_s": 2.0})
+    s3 = boto3.client("s3")
+
+    def committed() -> int:
+        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="store/transform_shard/").get("Contents", [])
+        return sum(o["Key"].endswith("/_manifest.json") and "/shard-" in o["Key"] for o in listed)
+
+    client_log = tmp_path / "submit.log"
+    client = subprocess.Popen([sys.executable, "-m", "interpflow.workflows.cli", "submit", str(spec), "--address", url,
+                               "--retries", "2", "--head-wait", "300"], cwd=tmp_path, stdout=open(client_log, "w"),
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while committed() < 1 and time.time() < deadline and client.poll() is None:
+            time.sleep(0.2)
+        kill_session(head.pid)  # the head is lost: GCS, raylet, dashboard, the job's driver and its workers
+        lost_with = committed()
+        assert 1 <= lost_with < 6, (lost_with, client_log.read_text()[-3000:])
+        head = start_head(command, url, log)
+        assert client.wait(400) == 0, client_log.read_text()[-5000:]
+    finally:
+        if client.poll() is None:
+            client.kill()
+        kill_session(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    out = client_log.read_text()
+    sid = out.split("submitted job ")[1].split()[0]
+    assert f"job {sid} was lost with its head: retry 1 of 2" in out, out[-3000:]
+    assert f"submitted attempt 2 as job {sid}-2, resuming run {sid} from the store" in out
+    assert f"job {sid}-2: SUCCEEDED" in out
+    store = Store(store_uri)
+    record = store.read_json(RunRecord.path_of(store, f"{sid}-2"))
+    counts = record["nodes"]["transform_shard"]["shards"]
+    print(f"lost head: {lost_with} of 6 shards committed before the kill; attempt 2 ran {counts['ran']}, "
+          f"cached {counts['cached']}")
+    assert record["status"] == "succeeded" and record["origin"] == sid
+    assert counts["cached"] >= lost_with and counts["ran"] == 6 - counts["cached"], counts
+    assert record["nodes"]["make_numbers"]["status"] == "cached"
+    assert committed() == 6
 
 
 # ------------------------------------------------------------------------------ no cluster needed below

@@ -460,12 +460,17 @@ def submit(spec: str = typer.Argument(..., help="spec file, or a bundled spec na
            overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. transform.power=3"),
            address: Optional[str] = ADDRESS_OPT,
            wait: bool = typer.Option(True, help="stream the job's logs until it ends"),
-           timeout: float = typer.Option(1800, help="seconds to follow the job")) -> None:
+           timeout: float = typer.Option(1800, help="seconds to follow the job"),
+           retries: int = typer.Option(0, min=0, help="with --wait: after a failed job, or one lost with its head, "
+                                       "submit a new attempt that resumes from the store, up to N times"),
+           head_wait: float = typer.Option(600, help="with --retries: seconds to wait for a lost head to answer "
+                                           "again")) -> None:
     """Submit a spec to a Ray cluster as a Ray job.
 
     The same spec again attaches to its job while that is pending, running or succeeded; after a failed or
-    stopped job it starts a new attempt that resumes the run from the store. A relative run.store or SQLite
-    run.tracking_uri is made absolute for a cluster on this machine and refused for any other."""
+    stopped job it starts a new attempt that resumes the run from the store (--retries does that by itself,
+    also when the head was lost). A relative run.store or SQLite run.tracking_uri is made absolute for a
+    cluster on this machine and refused for any other."""
     from interpflow.cluster.submit import SubmitError, submit_spec
     from interpflow.workflows.spec import SpecError, load_spec
 
@@ -473,7 +478,7 @@ def submit(spec: str = typer.Argument(..., help="spec file, or a bundled spec na
         loaded = load_spec(spec, list(overrides or []), check_store=False)
         result = submit_spec(loaded, address, wait=wait, timeout_s=timeout,
                              echo=lambda m: out.print(m, markup=False, highlight=False, soft_wrap=True),
-                             write=_write_raw)
+                             write=_write_raw, retries=retries, head_wait_s=head_wait)
     except (SpecError, SubmitError) as exc:
         _fail_input(str(exc))
     except KeyboardInterrupt:
