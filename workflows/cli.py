@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _fail_input(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -121,9 +122,11 @@ def print_summary(handle: "api.RunHandle") -> None:
     out.print(table)
     for name, s in record.nodes.items():
         if s["status"] == "failed":
-            out.print(f"[red]{name} failed:[/] {s['error']}  (full traceback: interpflow status {record.run_id})")
+            out.print(f"[red]{name} failed:[/] {escape(str(s['error']))}  "
+                      f"(full traceback: interpflow status {record.run_id})")
         for q in s.get("quarantined") or []:
-            out.print(f"[yellow]{q['path']} was damaged ({q['reason']}): set aside and recomputed[/]",
+            out.print(f"[yellow]{escape(q['path'])} was damaged ({escape(str(q['reason']))}): set aside and "
+                      "recomputed[/]",
                       highlight=False, soft_wrap=True)
     out.print(f"outputs: {handle.store.uri}/<node>/<key>   (open: interpflow show {record.run_id} NODE)",
               highlight=False)
@@ -239,7 +242,7 @@ def list_runs(store: Optional[str] = STORE_OPT) -> None:
         table.add_row(run_id, "?", "[red]unreadable[/]", "", "", "", "")
     out.print(table)
     for run_id, problem in broken:
-        err.print(f"[yellow]{run_id}:[/] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]{run_id}:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
 
 
 def explain_node(record: "RunRecord", node: str, store: str | None = None) -> list[str]:
@@ -568,7 +571,7 @@ def main() -> None:
 
         if not isinstance(exc, SpecError):
             raise
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         sys.exit(2)
     finally:
         # The command's work is done and flushed (lineage closed, outputs committed). Without this, the
