@@ -5,7 +5,9 @@ Needs root (`ip netns`); every name this creates starts with the given prefix an
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -43,6 +45,13 @@ class Hosts:
             _ip("netns", "exec", ns, "ip", "link", "set", inside, "up")
             _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
             _ip("netns", "exec", ns, "ip", "route", "add", "default", "via", self.gateway)
+            # what a machine's own /etc/hosts says: its name is its address (`ip netns exec` mounts this file
+            # over /etc/hosts). Gloo finds the address it listens on from the host name; on the shared
+            # /etc/hosts that is loopback, and Ray Train's workers on two hosts could not reach each other.
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address[name]} {socket.getfqdn()} "
+                                       f"{socket.gethostname()}\n")
 
     def namespace(self, name: str) -> str:
         return f"{self.prefix}-{name}"
@@ -79,4 +88,6 @@ class Hosts:
             if ns.startswith(f"{self.prefix}-"):
                 self.kill(ns[len(self.prefix) + 1:])
                 _ip("netns", "del", ns, check=False)
+        for etc in Path("/etc/netns").glob(f"{self.prefix}-*"):
+            shutil.rmtree(etc, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)

@@ -1,8 +1,9 @@
 """A multi-host Ray cluster on one machine (issue #31, point 3): a head and two worker hosts, each in its own
 network namespace with its own address and its own `ray start`; the S3 store (moto) and the MLflow tracking
 server (PostgreSQL, artifacts in S3) listen on the bridge, the one address every host reaches. `interpflow
-submit` sends `extract` (4 shards over 2 model actors, one a host) to the head's dashboard: the outputs land
-in S3, the lineage in the tracking server, and the client reads both back."""
+submit` sends `extract` (8 shards over 2 model actors, one a host) to the head's dashboard: the outputs land
+in S3, the lineage in the tracking server, and the client reads both back; a worker host is lost mid-shards
+(point 4); `sae` trains with one Ray Train worker on each worker host."""
 
 from __future__ import annotations
 
@@ -225,3 +226,41 @@ def test_a_lost_worker_host_mid_shards_changes_no_byte_of_the_outputs(cluster, t
     keys = list(zip(rows.column("id").to_pylist(), rows.column("position").to_pylist()))
     assert len(keys) == len(set(keys)) and set(rows.column("id").to_pylist()) == set(range(128))
     assert _shard_digests(store) == undisturbed
+
+
+def test_sae_trains_with_one_ray_train_worker_on_each_host(cluster, tmp_path):
+    """Issue #31 point 3, its second half: `sae` with `fit.num_workers=2` on two worker hosts of one CPU each
+    (the head has none): the two Ray Train workers are one per host, their checkpoints and the SAE go to
+    S3 and the step metrics to the tracking server."""
+    from mlflow.tracking import MlflowClient
+
+    import interpflow
+    from interpflow.workflows.engine.store import Store
+
+    steps, batch = 30, 64
+    spec = tmp_path / "sae.yaml"
+    spec.write_text(yaml.safe_dump({
+        "workflow": "sae", "corpus": SPEC["corpus"], "lm": SPEC["lm"], "num_shards": 2, "actors": 2,
+        "actor_cpus": 1, "eval_shards": 2, "eval": {"max_examples": 32}, "sweep": {"variants": ["topk"], "k": [4]},
+        "fit": {"num_workers": 2, "checkpoint_every": 10,
+                "train": {"steps": steps, "batch_size": batch, "init_rows": 512, "log_every": 10,
+                          "warmup_steps": 5}},
+        # the first test's store: its corpus and tiny LM are cache hits (the lost-host test, above, has already
+        # taken that store's activation digests)
+        "run": {"store": cluster.store, "tracking_uri": cluster.tracking, "experiment": "multihost"}}))
+    done = cli("submit", str(spec), "--address", cluster.url, "--wait", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    store = Store(cluster.store)
+    sid = done.stdout.split("submitted job ")[1].split()[0]
+    handle = interpflow.open_run(sid, store=cluster.store)
+    assert handle.nodes()["tiny_lm"]["status"] == "cached"
+    metrics = handle.metrics("sae.topk-k4")
+    assert metrics["train_rows"] == steps * batch * 2 and metrics["steps_run"] == steps, metrics  # two ranks
+    checkpoints = [i for i in _files(store, ".train") if i.base_name == "state.safetensors"]
+    assert checkpoints, "Ray Train's checkpoints should be in the S3 store"
+    client = MlflowClient(cluster.tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("multihost").experiment_id],
+                                f"tags.`interpflow.node` = 'sae.topk-k4' and tags.mlflow.parentRunId = "
+                                f"'{handle.mlflow_run_id}'")
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2  # rank 0's step metrics, over HTTP
