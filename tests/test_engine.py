@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -239,3 +241,43 @@ def test_training_node_tasks_reach_this_clusters_state_api(settings):
         return get_node(node_id, timeout=10) is not None
 
     assert ray.get(ask.options(**runner._task_options(node)).remote(), timeout=60)
+
+
+class _Doomed(BaseModel):
+    marker: str
+    n: int = 12
+
+
+def _doomed_setup(cfg: _Doomed) -> str:
+    return "model"
+
+
+def _doomed_ids(cfg: _Doomed) -> list[int]:
+    return list(range(cfg.n))
+
+
+def _doomed_shard(cfg: _Doomed, shard, model: str) -> dict:
+    marker = Path(cfg.marker)
+    if shard.index == 1 and marker.exists():
+        marker.unlink()
+        os._exit(1)  # the actor's process ends, as it does with a lost host; Ray may not restart it
+    import pyarrow as pa
+
+    return pa.table({"id": list(shard.ids)})
+
+
+def test_a_pool_actor_dead_for_good_is_replaced_and_every_shard_runs(settings, tmp_path):
+    """An actor whose restarts are spent (here: none allowed) is replaced by a new one; before, every shard
+    queued on it was handed back to the same dead actor until the node failed (seen in the preemption
+    soak, after several kills of one host)."""
+    from interpflow.workflows.api import run_graph
+    from interpflow.workflows.engine import ActorPool, Graph, sharded
+
+    marker = tmp_path / "die-once"
+    marker.write_text("on")
+    pooled = sharded(_doomed_shard, _Doomed(marker=str(marker)), ids=_doomed_ids, num_shards=6, name="pooled",
+                     actors=ActorPool(setup=_doomed_setup, size=1, max_restarts=0))
+    handle = run_graph(Graph(pooled), settings, progress=False)
+    assert not marker.exists(), "the actor should have died"
+    assert handle.ok, handle.nodes()
+    assert sorted(handle.table("pooled").column("id").to_pylist()) == list(range(12))

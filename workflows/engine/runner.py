@@ -29,6 +29,7 @@ log = logging.getLogger("interpflow")
 
 DONE = ("ran", "cached")
 LOST_ACTOR_RETRIES = 10  # times a shard goes back to its pool after its actor's host was lost
+MAX_ACTOR_REPLACEMENTS = 10  # new actors a pool may start (per actor it has) for ones dead for good
 _UNFETCHED = object()
 
 
@@ -87,6 +88,8 @@ class _Pool:
     actors: list
     inflight: dict  # actor index -> count
     queue: deque
+    make_actor: Any = None  # a new actor like the others: replaces one that is dead for good
+    replaced: int = 0
 
 
 class Runner:
@@ -313,7 +316,7 @@ class Runner:
             return
         import ray
 
-        remotes = self._remotes()
+        self._remotes()  # Ray is up (started or joined) before the first actor or task is made
         if n.actors is None:
             self._queued[n.name] = deque(missing)
             self._submitted[n.name] = 0
@@ -328,11 +331,15 @@ class Runner:
         actor_cls = ray.remote(pool_cfg.actor or PoolWorker).options(
             num_cpus=pool_cfg.num_cpus, num_gpus=pool_cfg.num_gpus, max_restarts=pool_cfg.max_restarts,
             max_task_retries=self.settings.max_retries + 1)
-        actors = [actor_cls.remote(self.store.uri, pool_cfg.setup, pool_cfg.config,
-                                   self._input_refs(setup_inputs), pool_cfg.resource_arg, self.settings.verify)
-                  for _ in range(min(pool_cfg.size, len(missing)))]
+        setup_refs = self._input_refs(setup_inputs)
+
+        def make_actor():
+            return actor_cls.remote(self.store.uri, pool_cfg.setup, pool_cfg.config, setup_refs,
+                                    pool_cfg.resource_arg, self.settings.verify)
+
+        actors = [make_actor() for _ in range(min(pool_cfg.size, len(missing)))]
         pool = _Pool(actors, {i: 0 for i in range(len(actors))},
-                     deque(self._job(n, shard, task_inputs) for shard in missing))
+                     deque(self._job(n, shard, task_inputs) for shard in missing), make_actor)
         self.pools[n.name] = pool
         self._feed_pool(n.name)
 
@@ -488,7 +495,7 @@ class Runner:
             if isinstance(cause, CorruptArtifact) and kind not in ("shard", "shards") \
                     and self._recover_corrupt(name, cause):
                 return
-            if pool_job is not None and self._hand_back(name, pool_job, exc):
+            if pool_job is not None and self._hand_back(name, pool_job, exc, actor_index):
                 return
             if kind in ("shard", "shards"):
                 for one in (shard if kind == "shards" else [shard]):
@@ -510,22 +517,42 @@ class Runner:
         else:
             self._shard_done(name, shard, result)
 
-    def _hand_back(self, name: str, job, exc: BaseException) -> bool:
+    def _hand_back(self, name: str, job, exc: BaseException, actor_index: int) -> bool:
         """A shard whose actor became unreachable (its host was lost) goes back to the pool after a pause,
         up to LOST_ACTOR_RETRIES times: Ray restarts the actor once a node has room, and Ray's own task
-        retries are spent in the seconds before the cluster declares the host dead. True if handed back."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        retries are spent in the seconds before the cluster declares the host dead. An actor reported dead
+        (ActorDiedError: its restarts spent on earlier lost hosts) is replaced by a new one, up to
+        MAX_ACTOR_REPLACEMENTS times a pool size; one whose set-up raised is not (the shard fails with that
+        error). True if handed back."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        if not isinstance(exc, (ActorUnavailableError, RayActorError)) or name not in self.pools:
+        if not isinstance(exc, (ActorUnavailableError, RayActorError)) or name not in self.pools \
+                or getattr(exc, "actor_init_failed", False):
             return False
         tries = self._lost_count.get((name, job.shard.index), 0) + 1
         if tries > LOST_ACTOR_RETRIES:
             return False
+        pool = self.pools[name]
+        if isinstance(exc, ActorDiedError) and self._dead_for_good(pool, actor_index, exc):
+            if pool.replaced >= MAX_ACTOR_REPLACEMENTS * len(pool.actors):
+                return False
+            pool.actors[actor_index] = pool.make_actor()
+            pool.replaced += 1
+            log.warning("node %s: model actor %d is dead for good (%s); started a new one (%d so far)", name,
+                        actor_index, str(exc).splitlines()[0][:200], pool.replaced)
         self._lost_count[(name, job.shard.index)] = tries
         log.warning("node %s: shard %d lost its actor (%s); handing it back to the pool (%d/%d)", name,
                     job.shard.index, type(exc).__name__, tries, LOST_ACTOR_RETRIES)
         self._lost.append((time.time() + min(2.0 * tries, 10.0), name, job))
         return True
+
+    @staticmethod
+    def _dead_for_good(pool: _Pool, actor_index: int, exc: BaseException) -> bool:
+        """Whether the actor now at `actor_index` is the one `exc` reports dead (not one that already replaced
+        it on an earlier shard's report). Replacing one that Ray might still restart costs nothing: the pool
+        drops its last handle, and Ray ends an actor nobody holds."""
+        dead_id = getattr(exc, "actor_id", None)
+        return dead_id is None or dead_id == pool.actors[actor_index]._actor_id.hex()
 
     def _requeue_lost(self) -> None:
         now, later = time.time(), []
