@@ -4,13 +4,19 @@ Needs root (`ip netns`); every name this creates starts with the given prefix an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -91,3 +97,116 @@ class Hosts:
         for etc in Path("/etc/netns").glob(f"{self.prefix}-*"):
             shutil.rmtree(etc, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)
+
+
+# ------------------------------------------------------------------ a Ray cluster of these hosts, with its services
+
+# every node of a token-auth cluster says so (a head turns it on by itself; a joining node would not), and
+# finds the token in ~/.ray/auth_token, which these hosts share as one machine's disk
+TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
+RAY_PORT, DASHBOARD_PORT = 6390, 8265  # every host has its own ports: Redis holds 6379 only in the root namespace
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float, logs: list[Path]) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.time() > deadline:
+            tails = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in logs if p.exists())
+            raise RuntimeError(f"{what} did not come up in {timeout:.0f} s\n{tails}")
+        time.sleep(1)
+
+
+@dataclass
+class Cluster:
+    url: str                     # the head's dashboard (Jobs API)
+    store: str                   # the S3 store every host and the client use
+    tracking: str                # the MLflow tracking server
+    hosts: Hosts
+    workers: list[str]           # the worker hosts' names
+    rejoin: Callable[[str], None]  # start a lost worker host again (a replacement node)
+    live_workers: Callable[[], int]  # worker hosts the head counts as alive
+
+
+@contextlib.contextmanager
+def lab_cluster(prefix: str, workers: int = 2, worker_cpus: int = 1, net: int = 88) -> Iterator[Cluster]:
+    """A head (no CPUs) and `workers` worker hosts (`worker_cpus` each), every one its own `ray start` in its
+    own namespace with token auth; moto's S3 server (bucket `lab`) and an MLflow server on PostgreSQL (its
+    artifacts in S3) on the bridge, the AWS variables set for this process and every host. For tests
+    (`test_multihost.py`) and benchmarks (`benchmarks/cluster.py`, `benchmarks/soak.py`); everything is
+    killed and removed after."""
+    import boto3
+
+    from interpflow.cluster.submit import jobs_client
+    from support import tracking_server
+
+    names = ["head"] + [f"w{i + 1}" for i in range(workers)]
+    hosts = Hosts(prefix, names, net=net)
+    temp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))  # short: Ray's socket paths live under it
+    s3_port = _free_port(hosts.gateway)
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", hosts.gateway, "-p", str(s3_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    aws = {"AWS_ENDPOINT_URL": f"http://{hosts.gateway}:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {name: os.environ.get(name) for name in [*aws, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+                                                     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"]}
+    os.environ.update(aws)
+    for name in set(saved) - set(aws):
+        os.environ.pop(name, None)
+    try:
+        wait_until(lambda: socket.create_connection((hosts.gateway, s3_port), timeout=1).close() or True,
+                   "moto", 60, [])
+        boto3.client("s3").create_bucket(Bucket="lab")
+        with tracking_server(hosts.gateway, "lab") as tracking:
+            head = hosts.address["head"]
+            logs = {name: temp / f"{name}.log" for name in names}
+            starts = {name: 0 for name in names}
+
+            def ray_start(name: str, *args: str) -> None:
+                starts[name] += 1
+                suffix = "" if starts[name] == 1 else f"-{starts[name]}"  # a replacement: new temp dir, node id
+                logs[name] = temp / f"{name}{suffix}.log"
+                hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
+                                   f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}/{name}{suffix}",
+                                   *args], logs[name], env=TOKEN_AUTH)
+
+            def live_workers() -> int:
+                status = subprocess.run(["ip", "netns", "exec", hosts.namespace("head"), "ray", "status",
+                                         f"--address={head}:{RAY_PORT}"], capture_output=True, text=True,
+                                        env={**os.environ, **TOKEN_AUTH})
+                cpus = re.search(r"[\d.]+/([\d.]+) CPU", status.stdout)  # "Usage: 1.0/2.0 CPU ..."
+                return int(float(cpus.group(1)) / worker_cpus) if cpus else 0
+
+            ray_start("head", "--head", f"--port={RAY_PORT}", f"--dashboard-host={head}",
+                      f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=0")
+            url = f"http://{head}:{DASHBOARD_PORT}"
+            wait_until(lambda: jobs_client(url).list_jobs() is not None, "the head", 120, [logs["head"]])
+
+            def join(name: str) -> None:
+                ray_start(name, f"--address={head}:{RAY_PORT}", f"--num-cpus={worker_cpus}")
+
+            for name in names[1:]:
+                join(name)
+            wait_until(lambda: live_workers() == workers, f"{workers} worker hosts", 120, list(logs.values()))
+            yield Cluster(url, "s3://lab/store", tracking, hosts, names[1:], join, live_workers)
+    finally:
+        for name in names:
+            hosts.kill(name)
+        hosts.teardown()
+        moto.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -8,125 +8,25 @@ in S3, the lineage in the tracking server, and the client reads both back; a wor
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from hosts import Hosts, can_make_hosts
-from support import cli, tracking_server
+from hosts import Cluster, can_make_hosts, lab_cluster
+from support import cli
 
 pytestmark = pytest.mark.skipif(not can_make_hosts(), reason="needs root for ip netns (CI runs as root)")
 
-# every node of a token-auth cluster says so (a head turns it on by itself; a joining node would not), and
-# finds the token in ~/.ray/auth_token, which these hosts share as one machine's disk
-TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
-RAY_PORT, DASHBOARD_PORT = 6390, 8265  # every host has its own ports: Redis holds 6379 only in the root namespace
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _wait(check, what: str, timeout: float, logs: list[Path]) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if time.time() > deadline:
-            tails = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in logs if p.exists())
-            raise RuntimeError(f"{what} did not come up in {timeout:.0f} s\n{tails}")
-        time.sleep(1)
-
-
-@dataclass
-class Cluster:
-    url: str                     # the head's dashboard (Jobs API)
-    store: str                   # the S3 store every host and the client use
-    tracking: str                # the MLflow tracking server
-    hosts: Hosts
-    rejoin: Callable[[str], None]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """Three hosts, moto S3 and an MLflow server on the
-    bridge, a head with no CPUs and two workers with one each. Everything is killed and removed after."""
-    import boto3
-
-    from interpflow.cluster.submit import jobs_client
-
-    hosts = Hosts("ifm", ["head", "w1", "w2"])
-    temp = Path(tempfile.mkdtemp(prefix="ifm-", dir="/tmp"))  # short: Ray's socket paths live under it
-    s3_port = _free_port(hosts.gateway)
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", hosts.gateway, "-p", str(s3_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    aws = {"AWS_ENDPOINT_URL": f"http://{hosts.gateway}:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in aws.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS",
-                     "RAY_API_SERVER_ADDRESS"):
-            patch.delenv(name, raising=False)
-        try:
-            _wait(lambda: socket.create_connection((hosts.gateway, s3_port), timeout=1).close() or True,
-                  "moto", 60, [])
-            boto3.client("s3").create_bucket(Bucket="lab")
-            with tracking_server(hosts.gateway, "lab") as tracking:
-                head = hosts.address["head"]
-                logs = {name: temp / f"{name}.log" for name in hosts.names}
-
-                def ray_start(name: str, *args: str) -> None:
-                    hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
-                                       f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}/{name}",
-                                       *args], logs[name], env=TOKEN_AUTH)
-
-                ray_start("head", "--head", f"--port={RAY_PORT}", f"--dashboard-host={head}",
-                          f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=0")
-                url = f"http://{head}:{DASHBOARD_PORT}"
-                _wait(lambda: jobs_client(url).list_jobs() is not None, "the head", 120, [logs["head"]])
-                for name in ("w1", "w2"):
-                    ray_start(name, f"--address={head}:{RAY_PORT}", "--num-cpus=1")
-
-                def two_workers() -> bool:
-                    status = subprocess.run(["ip", "netns", "exec", hosts.namespace("head"), "ray", "status",
-                                             f"--address={head}:{RAY_PORT}"], capture_output=True, text=True,
-                                            env={**os.environ, **TOKEN_AUTH})
-                    return "/2.0 CPU" in status.stdout
-
-                _wait(two_workers, "two worker hosts", 120, list(logs.values()))
-
-                def rejoin(name: str) -> None:
-                    """Start a lost worker host again (a replacement node: new temp dir, new node id)."""
-                    logs[name] = temp / f"{name}-again.log"
-                    hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
-                                       f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}/{name}-again",
-                                       f"--address={head}:{RAY_PORT}", "--num-cpus=1"], logs[name], env=TOKEN_AUTH)
-
-                yield Cluster(url, "s3://lab/store", tracking, hosts, rejoin)
-        finally:
-            for name in hosts.names:
-                hosts.kill(name)
-            hosts.teardown()
-            moto.kill()
-            shutil.rmtree(temp, ignore_errors=True)
+    """Three hosts, moto S3 and an MLflow server on the bridge, a head with no CPUs and two workers with one
+    each (`hosts.lab_cluster`). Everything is killed and removed after."""
+    with lab_cluster("ifm", workers=2) as lab:
+        yield lab
 
 
 SPEC = {"workflow": "extract", "num_shards": 8, "actors": 2, "actor_cpus": 1, "corpus": {"n_examples": 128},
