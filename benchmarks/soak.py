@@ -16,7 +16,6 @@ The defaults take about ten minutes a run on this project's 2-core machines.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import random
 import sys
 import tempfile
@@ -24,26 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hosts import can_make_hosts, lab_cluster  # noqa: E402
-from support import cli  # noqa: E402
-
-
-def shard_digests(store) -> dict[str, str]:
-    """sha256 of every output file of the activations shards by its path below the store (not the manifest,
-    which says who made it and when, nor metrics.json, which holds timings)."""
-    infos = store.fs.get_file_info(pafs.FileSelector(store.path("activations"), recursive=True))
-    digests = {}
-    for info in infos:
-        if info.type == pafs.FileType.File and "/shard-" in info.path and \
-                info.base_name not in ("_manifest.json", "metrics.json"):
-            with store.fs.open_input_stream(info.path) as f:
-                digests[info.path[len(store.root):]] = hashlib.sha256(f.read()).hexdigest()
-    return digests
+from support import cli, shard_digests  # noqa: E402
 
 
 def submit(lab, tmp: Path, label: str, args) -> tuple[float, str, str]:
@@ -108,7 +93,8 @@ def main() -> None:
         positions = rows.column("position").to_pylist() if "position" in rows.column_names else [0] * len(rows)
         keys = list(zip(rows.column("id").to_pylist(), positions))
         once = len(keys) == len(set(keys)) and set(rows.column("id").to_pylist()) == set(range(args.examples))
-        calm, disturbed = shard_digests(Store(calm_store)), shard_digests(Store(disturbed_store))
+        calm = shard_digests(Store(calm_store), "activations")
+        disturbed = shard_digests(Store(disturbed_store), "activations")
         identical = calm == disturbed and len(calm) > 0
 
     cost = disturbed_s - calm_s

@@ -364,9 +364,7 @@ def followed_status(client, job: str) -> str:
     without GCS fault tolerance starts with an empty job table)."""
     try:
         return job_status(client, job)
-    except SubmitError:
-        return LOST
-    except Exception:  # noqa: BLE001 - connection refused or reset: the head is gone
+    except Exception:  # noqa: BLE001 - SubmitError (an unknown job), or connection refused or reset
         return LOST
 
 

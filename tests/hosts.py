@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,12 +106,6 @@ TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
 RAY_PORT, DASHBOARD_PORT = 6390, 8265  # every host has its own ports: Redis holds 6379 only in the root namespace
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 def wait_until(check: Callable[[], bool], what: str, timeout: float, logs: list[Path]) -> None:
     deadline = time.time() + timeout
     while True:
@@ -146,67 +139,60 @@ def lab_cluster(prefix: str, workers: int = 2, worker_cpus: int = 1, net: int = 
     (`test_multihost.py`) and benchmarks (`benchmarks/cluster.py`, `benchmarks/soak.py`); everything is
     killed and removed after."""
     import boto3
+    import pytest
 
     from interpflow.cluster.submit import jobs_client
-    from support import tracking_server
+    from support import moto_server, tracking_server
 
     names = ["head"] + [f"w{i + 1}" for i in range(workers)]
     hosts = Hosts(prefix, names, net=net)
     temp = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))  # short: Ray's socket paths live under it
-    s3_port = _free_port(hosts.gateway)
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", hosts.gateway, "-p", str(s3_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    aws = {"AWS_ENDPOINT_URL": f"http://{hosts.gateway}:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {name: os.environ.get(name) for name in [*aws, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
-                                                     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"]}
-    os.environ.update(aws)
-    for name in set(saved) - set(aws):
-        os.environ.pop(name, None)
     try:
-        wait_until(lambda: socket.create_connection((hosts.gateway, s3_port), timeout=1).close() or True,
-                   "moto", 60, [])
-        boto3.client("s3").create_bucket(Bucket="lab")
-        with tracking_server(hosts.gateway, "lab") as tracking:
-            head = hosts.address["head"]
-            logs = {name: temp / f"{name}.log" for name in names}
-            starts = {name: 0 for name in names}
+        with moto_server(hosts.gateway) as s3, pytest.MonkeyPatch.context() as patch:
+            for name, value in {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "testing",
+                                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                                "AWS_EC2_METADATA_DISABLED": "true"}.items():
+                patch.setenv(name, value)
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS",
+                         "RAY_API_SERVER_ADDRESS"):
+                patch.delenv(name, raising=False)
+            boto3.client("s3").create_bucket(Bucket="lab")
+            with tracking_server(hosts.gateway, "lab") as tracking:
+                head = hosts.address["head"]
+                logs = {name: temp / f"{name}.log" for name in names}
+                starts = {name: 0 for name in names}
 
-            def ray_start(name: str, *args: str) -> None:
-                starts[name] += 1
-                suffix = "" if starts[name] == 1 else f"-{starts[name]}"  # a replacement: new temp dir, node id
-                logs[name] = temp / f"{name}{suffix}.log"
-                hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
-                                   f"--node-ip-address={hosts.address[name]}", f"--temp-dir={temp}/{name}{suffix}",
-                                   *args], logs[name], env=TOKEN_AUTH)
+                def ray_start(name: str, *args: str) -> None:
+                    starts[name] += 1
+                    # a replacement host: a new temp dir, a new node id
+                    suffix = "" if starts[name] == 1 else f"-{starts[name]}"
+                    logs[name] = temp / f"{name}{suffix}.log"
+                    hosts.popen(name, ["ray", "start", "--block", "--disable-usage-stats",
+                                       f"--node-ip-address={hosts.address[name]}",
+                                       f"--temp-dir={temp}/{name}{suffix}", *args], logs[name], env=TOKEN_AUTH)
 
-            def live_workers() -> int:
-                status = subprocess.run(["ip", "netns", "exec", hosts.namespace("head"), "ray", "status",
-                                         f"--address={head}:{RAY_PORT}"], capture_output=True, text=True,
-                                        env={**os.environ, **TOKEN_AUTH})
-                cpus = re.search(r"[\d.]+/([\d.]+) CPU", status.stdout)  # "Usage: 1.0/2.0 CPU ..."
-                return int(float(cpus.group(1)) / worker_cpus) if cpus else 0
+                def live_workers() -> int:
+                    status = subprocess.run(["ip", "netns", "exec", hosts.namespace("head"), "ray", "status",
+                                             f"--address={head}:{RAY_PORT}"], capture_output=True, text=True,
+                                            env={**os.environ, **TOKEN_AUTH})
+                    cpus = re.search(r"[\d.]+/([\d.]+) CPU", status.stdout)  # "Usage: 1.0/2.0 CPU ..."
+                    return int(float(cpus.group(1)) / worker_cpus) if cpus else 0
 
-            ray_start("head", "--head", f"--port={RAY_PORT}", f"--dashboard-host={head}",
-                      f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=0")
-            url = f"http://{head}:{DASHBOARD_PORT}"
-            wait_until(lambda: jobs_client(url).list_jobs() is not None, "the head", 120, [logs["head"]])
+                ray_start("head", "--head", f"--port={RAY_PORT}", f"--dashboard-host={head}",
+                          f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=0")
+                url = f"http://{head}:{DASHBOARD_PORT}"
+                wait_until(lambda: jobs_client(url).list_jobs() is not None, "the head", 120, [logs["head"]])
 
-            def join(name: str) -> None:
-                ray_start(name, f"--address={head}:{RAY_PORT}", f"--num-cpus={worker_cpus}")
+                def join(name: str) -> None:
+                    ray_start(name, f"--address={head}:{RAY_PORT}", f"--num-cpus={worker_cpus}")
 
-            for name in names[1:]:
-                join(name)
-            wait_until(lambda: live_workers() == workers, f"{workers} worker hosts", 120, list(logs.values()))
-            yield Cluster(url, "s3://lab/store", tracking, hosts, names[1:], join, live_workers)
+                for name in names[1:]:
+                    join(name)
+                wait_until(lambda: live_workers() == workers, f"{workers} worker hosts", 120,
+                           list(logs.values()))
+                yield Cluster(url, "s3://lab/store", tracking, hosts, names[1:], join, live_workers)
     finally:
         for name in names:
             hosts.kill(name)
         hosts.teardown()
-        moto.kill()
         shutil.rmtree(temp, ignore_errors=True)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

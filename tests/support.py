@@ -171,3 +171,49 @@ def tracking_server(host: str, bucket: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
         postgres(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def moto_server(host: str = "127.0.0.1") -> Iterator[str]:
+    """moto's standalone S3 server as a process listening on `host` (it enforces If-None-Match / If-Match):
+    its endpoint URL. Stopped, by its pid, after."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on {host}:{port} (exit {server.poll()})")
+                time.sleep(0.1)
+        yield f"http://{host}:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def shard_digests(store, node: str) -> dict[str, str]:
+    """sha256 of every output file of a sharded node's shards, by its path below the store. Not compared: the
+    manifest (who made it, where, when) and metrics.json (which holds the shard's timings)."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(node), recursive=True, allow_not_found=True))
+    digests = {}
+    for info in infos:
+        if info.type == pafs.FileType.File and "/shard-" in info.path and \
+                info.base_name not in ("_manifest.json", "metrics.json"):
+            with store.fs.open_input_stream(info.path) as f:
+                digests[info.path[len(store.root):]] = hashlib.sha256(f.read()).hexdigest()
+    return digests

@@ -7,7 +7,6 @@ in S3, the lineage in the tracking server, and the client reads both back; a wor
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from hosts import Cluster, can_make_hosts, lab_cluster
-from support import cli
+from support import cli, shard_digests
 
 pytestmark = pytest.mark.skipif(not can_make_hosts(), reason="needs root for ip netns (CI runs as root)")
 
@@ -42,17 +41,6 @@ def _spec(path: Path, cluster: Cluster, store: str) -> Path:
 def _files(store, under: str, name: str = "") -> list:
     infos = store.fs.get_file_info(pafs.FileSelector(store.path(under), recursive=True, allow_not_found=True))
     return [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(name)]
-
-
-def _shard_digests(store) -> dict[str, str]:
-    """sha256 of every output file of the activations shards, by its path below the store. Not compared: the
-    manifest (who made it, where, when) and metrics.json (which holds the shard's timings)."""
-    digests = {}
-    for info in _files(store, "activations"):
-        if "/shard-" in info.path and info.base_name not in ("_manifest.json", "metrics.json"):
-            with store.fs.open_input_stream(info.path) as f:
-                digests[info.path[len(store.root):]] = hashlib.sha256(f.read()).hexdigest()
-    return digests
 
 
 def _run_id(store) -> str:
@@ -99,7 +87,7 @@ def test_a_lost_worker_host_mid_shards_changes_no_byte_of_the_outputs(cluster, t
     import interpflow
     from interpflow.workflows.engine.store import Store
 
-    undisturbed = _shard_digests(Store(cluster.store))
+    undisturbed = shard_digests(Store(cluster.store), "activations")
     assert len(undisturbed) >= 8, "runs after the undisturbed run of the test above"
     store_uri = cluster.store + "-lost-host"
     store = Store(store_uri)
@@ -125,7 +113,7 @@ def test_a_lost_worker_host_mid_shards_changes_no_byte_of_the_outputs(cluster, t
     rows = handle.table("activations")
     keys = list(zip(rows.column("id").to_pylist(), rows.column("position").to_pylist()))
     assert len(keys) == len(set(keys)) and set(rows.column("id").to_pylist()) == set(range(128))
-    assert _shard_digests(store) == undisturbed
+    assert shard_digests(store, "activations") == undisturbed
 
 
 def test_sae_trains_with_one_ray_train_worker_on_each_host(cluster, tmp_path):
